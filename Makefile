@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both bootstrap uv (if missing) and install the locked environment into .venv.
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PY := .venv/bin/python
+SHARED ?= $(abspath ../shared)
+export CXR_SHARED ?= $(SHARED)
+
+.PHONY: help setup demo test test-fast bench clean lint
+
+help:
+	@echo "make demo   - install, train a tiny model on the bundled samples, then screen them (local Ray)"
+	@echo "make test   - install and run the test suite (needs ../shared)"
+	@echo "make bench  - run the benchmarks in bench/ (long; figures go to BENCHMARKS.md)"
+
+$(UV):
+	@command -v curl >/dev/null && curl -LsSf https://astral.sh/uv/install.sh | sh >/dev/null 2>&1 || true
+	@test -x "$(UV)" || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+	@test -x "$(UV)" || (command -v uv >/dev/null && ln -sf "$$(command -v uv)" "$(UV)")
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python 3.11
+	@touch $@
+
+setup: .venv/.synced
+
+demo: setup
+	$(PY) -m cxr.demo
+
+test: setup
+	@test -d "$(CXR_SHARED)/data/chest_xray" || { echo "error: shared data not found at $(CXR_SHARED)/data/chest_xray (set SHARED=...)"; exit 2; }
+	$(PY) -m pytest -q --timeout=900 tests
+
+bench: setup
+	$(PY) bench/train_throughput.py
+	$(PY) bench/screen_throughput.py
+	$(PY) bench/serve_load.py
+
+clean:
+	rm -rf .venv runs screens reports demo-out .pytest_cache

@@ -1,0 +1,59 @@
+"""The ``cxr`` command: one entry point for training, screening, reports, serving and clusters.
+
+Each sub-command lives in its own module and imports Ray/torch lazily, so
+``cxr --help`` is instant and ``import cxr`` never imports Ray.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cxr import __version__
+from cxr.errors import CxrError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Main(click.Group):
+    """Turns CxrError into one line and a non-zero exit (no traceback)."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except CxrError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Main, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="cxr")
+def main() -> None:
+    """cxr: pneumonia screening of chest X-rays on Ray.
+
+    \b
+    Typical flow:
+      cxr train  --data ../shared/data/chest_xray --output runs/r1     # Ray Train (DDP)
+      cxr screen /archive --model runs/r1/model --output screens/      # Ray Data -> Parquet
+      cxr report screens/ --output reports/                            # evaluation report
+      cxr serve  --model runs/r1/model                                 # Ray Serve HTTP API
+      cxr submit train -- --data ... --output ...                      # on a remote Ray cluster
+
+    Every command runs on a local Ray instance it starts itself, or on the
+    cluster named by RAY_ADDRESS. `cxr COMMAND --help` explains each one.
+    """
+
+
+def _register() -> None:
+    from cxr.cli import cluster, screen, serve, train
+
+    for module in (train, screen, serve, cluster):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

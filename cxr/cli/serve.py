@@ -1,0 +1,4 @@
+"""`cxr serve` (placeholder until the screening job lands)."""
+import click
+
+COMMANDS: list[click.Command] = []

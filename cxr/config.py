@@ -1,0 +1,196 @@
+"""Typed configuration shared by the CLI, the Ray jobs and the Serve app.
+
+Every knob lives here once. The CLI builds these dataclasses from flags, the
+jobs receive them (as dicts across Ray), and the resolved values are written
+beside every output so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+Task = Literal["binary", "subtype"]
+
+#: class names per task; index = model output index. The positive class for
+#: screening (sensitivity, threshold) is the last one of the binary task.
+CLASSES: dict[str, tuple[str, ...]] = {
+    "binary": ("normal", "pneumonia"),
+    "subtype": ("normal", "bacteria", "virus"),
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw image bytes become a model input; stored in every export.
+
+    Grayscale single channel: chest X-rays carry no colour, and ImageNet
+    weights are folded to one input channel when loaded (see cxr.model).
+    ``image_size`` is the square side the image is resized to (not cropped:
+    the Kermany images were squashed to 224x224, so squashing new images
+    reproduces the training distribution).
+    """
+
+    image_size: int = 224
+    clahe: bool = False
+    clahe_clip: float = 2.0
+    clahe_grid: int = 8
+    mean: float = 0.449  # ImageNet RGB means folded to grayscale (as timm does)
+    std: float = 0.226
+    max_pixels: int = 64_000_000  # decompression-bomb cap (a 8000x8000 film)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only augmentation; never applied when scoring."""
+
+    scale_min: float = 0.70  # RandomResizedCrop area range
+    ratio_min: float = 0.85
+    ratio_max: float = 1.18
+    rotate_deg: float = 7.0  # small affine
+    translate: float = 0.04
+    brightness: float = 0.15
+    contrast: float = 0.15
+    hflip: float = 0.0  # anatomy is not mirror-symmetric: off by default
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``cxr train`` needs; presets fill it, flags override it."""
+
+    data: str = ""
+    output: str = "runs/latest"
+    storage: str | None = None  # checkpoints: local dir or pyarrow URI; default OUTPUT/checkpoints
+    task: Task = "binary"
+    preset: str = "cpu"
+    workers: int = 2
+    gpus: int = 0  # GPUs per worker (0 = CPU workers over gloo)
+    cpus_per_worker: int = 1
+    epochs: int = 12
+    warmup_epochs: int = 0  # frozen-backbone phase (useful with pretrained weights)
+    batch_size: int = 32  # per worker
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    imbalance: Literal["weights", "sampler", "none"] = "weights"
+    pretrained: str = "none"  # imagenet | none | PATH to a state_dict
+    limit: int | None = None  # use at most N training images (smoke runs)
+    val_fraction: float = 0.15
+    seed: int = 42
+    target_sensitivity: float = 0.98
+    early_stop_patience: int = 0  # epochs without val AUC gain; 0 = off
+    keep_checkpoints: int = 2
+    resume: bool = False
+    amp: bool = True  # bf16 autocast on GPU; on CPU only when the preset asks
+    channels_last: bool = True
+    ema_decay: float = 0.0  # exponential moving average of weights; 0 = off
+    max_failures: int = 1
+    num_threads: int = 0  # torch intra-op threads per worker; 0 = cpus_per_worker
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return CLASSES[self.task]
+
+
+@dataclass
+class ScreenConfig:
+    """``cxr screen``: score an archive into Parquet."""
+
+    archive: str = ""
+    model: str = ""
+    output: str = "screens/latest"
+    labels: str | None = None
+    glob: str | None = None
+    limit: int | None = None
+    force: bool = False
+    fail_on_error: bool = False
+    batch_size: int = 32
+    workers: int = 0  # inference actors; 0 = as many as the cluster allows
+    gpus_per_worker: float = 0.0
+    engine: Literal["auto", "torch", "onnx"] = "auto"
+    report: bool = True
+    metrics_file: str | None = None
+    pushgateway: str | None = None
+
+
+@dataclass
+class AutoscalingConfig:
+    """Ray Serve ``autoscaling_config`` (names match Ray's keys)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    metrics_interval_s: float = 2.0
+    look_back_period_s: float = 10.0
+
+
+@dataclass
+class ServeConfig:
+    """``cxr serve``, ``serve/config.yaml`` and the RayService are built from this."""
+
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    metrics_port: int = 8080
+    route_prefix: str = "/"
+    app_name: str = "cxr"
+    engine: Literal["auto", "torch", "onnx"] = "auto"
+    max_batch_size: int = 16
+    batch_wait_ms: float = 10.0
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    max_body_mb: float = 20.0
+    request_timeout_s: float = 30.0
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    graceful_shutdown_timeout_s: float = 20.0
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a (nested) config dataclass from ``to_dict`` output, ignoring unknown keys.
+
+    Unknown keys are dropped so an older cxr can read a newer file.
+    """
+    hints = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = hints.get(name)
+        if f is None:
+            continue
+        sub = _nested_type(cls, name)
+        kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _nested_type(cls: type, name: str) -> type | None:
+    nested = {
+        "preprocess": PreprocessConfig,
+        "augment": AugmentConfig,
+        "autoscaling": AutoscalingConfig,
+    }
+    return nested.get(name)
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")

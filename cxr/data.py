@@ -1,0 +1,174 @@
+"""Datasets on disk: discovery (Kaggle layout or manifest), labels, patient split.
+
+Pure Python + pyarrow/sklearn: no Ray, no torch. The Ray jobs and the tests
+build on these functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr.config import CLASSES
+from cxr.errors import CxrError
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp"}
+MANIFEST_NAMES = ("MANIFEST.csv", "manifest.csv", "manifest.parquet", "MANIFEST.parquet")
+_LABELS = {"normal": "normal", "pneumonia": "pneumonia"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image. ``path`` is absolute; ``label`` is lower-case binary."""
+
+    path: str
+    label: str  # normal | pneumonia
+    subtype: str  # normal | bacteria | virus | unknown
+    patient_id: str
+    split: str = "train"
+
+    def target(self, task: str) -> int:
+        """Class index of this sample for ``task`` (see cxr.config.CLASSES)."""
+        name = self.label if task == "binary" else self.subtype
+        classes = CLASSES[task]
+        if name not in classes:
+            raise CxrError(f"{self.path}: no {task} label (got {name!r}); subtype needs bacteria/virus in file names")
+        return classes.index(name)
+
+
+def subtype_from_name(name: str, label: str) -> str:
+    """Kermany file names carry the pneumonia subtype: person1_bacteria_1.jpeg, person2_virus_3.jpeg."""
+    if label == "normal":
+        return "normal"
+    low = name.lower()
+    return "bacteria" if "bacteria" in low else "virus" if "virus" in low else "unknown"
+
+
+_PERSON = re.compile(r"^(person\d+)_", re.I)
+_IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.I)
+
+
+def patient_id_from_name(name: str) -> str:
+    """personN_... -> personN; IM-0115-0001 -> IM-0115; NORMAL2-IM-1427-0001 -> NORMAL2-IM-1427; else the stem."""
+    stem = Path(name).stem
+    m = _PERSON.match(stem) or _IM.match(stem)
+    return m.group(1) if m else stem
+
+
+def normalise_label(raw: str, where: str) -> str:
+    label = _LABELS.get(str(raw).strip().lower())
+    if label is None:
+        raise CxrError(f"{where}: unknown label {raw!r} (expected NORMAL or PNEUMONIA)")
+    return label
+
+
+def find_manifest(root: Path) -> Path | None:
+    if root.is_file():
+        return root
+    for name in MANIFEST_NAMES:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def read_manifest_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV or Parquet manifest as dicts of strings."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in pq.read_table(path).to_pylist()]
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"cannot read manifest {path}: {exc}") from None
+
+
+def discover(data: str | Path, split: str = "train") -> list[Sample]:
+    """Labelled samples of one split from a manifest or the Kaggle folder layout.
+
+    ``data`` is a manifest file (CSV/Parquet: path, label[, subtype, patient_id, split]),
+    a folder holding one (MANIFEST.csv), or a folder ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*``.
+    """
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise CxrError(f"data not found: {root}")
+    manifest = find_manifest(root)
+    samples = _from_manifest(manifest, split) if manifest else _from_folders(root, split)
+    if not samples:
+        where = f"manifest {manifest}" if manifest else f"{root}/{split}/{{NORMAL,PNEUMONIA}}/"
+        raise CxrError(f"no images for split {split!r} in {where}")
+    return sorted(samples, key=lambda s: s.path)
+
+
+def _from_manifest(manifest: Path, split: str) -> list[Sample]:
+    rows = read_manifest_rows(manifest)
+    if rows and not {"path", "label"} <= set(rows[0]):
+        raise CxrError(f"manifest {manifest} needs columns path,label (has {sorted(rows[0])})")
+    base = manifest.parent
+    out = []
+    for i, row in enumerate(rows):
+        if row.get("split") and row["split"] != split:
+            continue
+        label = normalise_label(row["label"], f"{manifest}:{i + 2}")
+        name = Path(row["path"]).name
+        out.append(Sample(
+            path=str((base / row["path"]).resolve()),
+            label=label,
+            subtype=(row.get("subtype") or subtype_from_name(name, label)).lower(),
+            patient_id=row.get("patient_id") or patient_id_from_name(name),
+            split=split,
+        ))
+    return out
+
+
+def _from_folders(root: Path, split: str) -> list[Sample]:
+    base = root / split if (root / split).is_dir() else root
+    if not base.is_dir():
+        raise CxrError(f"{root} has no {split}/ folder and no manifest")
+    out = []
+    for label_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        label = normalise_label(label_dir.name, str(label_dir))
+        for p in sorted(label_dir.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                out.append(Sample(str(p.resolve()), label, subtype_from_name(p.name, label), patient_id_from_name(p.name), split))
+    return out
+
+
+def label_from_path(path: str) -> str | None:
+    """Binary label from a Kaggle-layout path (.../NORMAL/x.jpeg), or None."""
+    for part in reversed(Path(path).parts[:-1]):
+        if part.lower() in _LABELS:
+            return _LABELS[part.lower()]
+    return None
+
+
+def split_by_patient(samples: list[Sample], val_fraction: float, seed: int, task: str = "binary") -> tuple[list[Sample], list[Sample]]:
+    """Seeded train/val split grouped by patient and stratified by class.
+
+    No patient appears on both sides (a patient's several films are near
+    duplicates; splitting them would leak and inflate validation scores).
+    """
+    if not 0.0 < val_fraction < 0.5:
+        raise CxrError(f"val fraction must be in (0, 0.5), got {val_fraction}")
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1.0 / val_fraction))
+    y = [s.target(task) for s in samples]
+    groups = [f"{s.label}/{s.patient_id}" for s in samples]
+    if len(set(groups)) < n_splits:
+        raise CxrError(f"too few patients ({len(set(groups))}) for a {val_fraction:.0%} validation split")
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(cv.split(samples, y, groups))
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """sha256 over (relative name, label, patient) of a sample list: which data a model saw."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.path):
+        h.update(f"{Path(s.path).parent.name}/{Path(s.path).name}\t{s.label}\t{s.subtype}\t{s.patient_id}\n".encode())
+    return h.hexdigest()

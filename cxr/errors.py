@@ -1,0 +1,36 @@
+"""Errors that reach users as one clear line (the CLI prints them without a traceback)."""
+
+from __future__ import annotations
+
+
+class CxrError(Exception):
+    """A user-facing failure: bad arguments, missing data, unreadable model.
+
+    The CLI catches it, prints ``error: <message>`` and exits non-zero.
+    """
+
+
+class ImageError(CxrError):
+    """An input that cannot be turned into a model input.
+
+    ``code`` is a stable machine-readable identifier written to Parquet rows,
+    HTTP error bodies and Prometheus labels; ``str(err)`` is the human message.
+    """
+
+    #: every code an ImageError may carry, documented in the README
+    CODES = (
+        "empty",  # zero-byte file or body
+        "not_image",  # content is not a supported image format
+        "corrupt",  # recognised format, but decoding failed
+        "truncated",  # recognised format, data ends early
+        "too_large",  # pixel count over the decompression-bomb cap
+        "unsupported",  # a valid image we cannot represent (e.g. compressed DICOM without codec)
+        "dicom_invalid",  # DICOM without usable pixel data
+        "read_failed",  # the file could not be read at all (I/O error)
+    )
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in self.CODES:
+            raise ValueError(f"unknown image error code {code!r}")
+        super().__init__(message)
+        self.code = code

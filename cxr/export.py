@@ -1,0 +1,126 @@
+"""The exported model: a directory with weights, an ONNX graph and metadata.
+
+``save_export`` writes it and ``load_export`` reads it; nothing else touches
+the layout. ``model_id`` is the sha256 of the weights file, so screening rows
+and serving responses name the exact weights that produced them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxr.config import PreprocessConfig, from_dict, to_dict
+from cxr.errors import CxrError
+from cxr.model import ARCH, build_model
+
+WEIGHTS = "weights.pt"
+ONNX = "model.onnx"
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelMetadata:
+    """Everything a consumer needs to use the weights correctly."""
+
+    classes: list[str]
+    task: str = "binary"
+    arch: str = ARCH
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    threshold: float = 0.5  # on the pneumonia score (1 - p(normal))
+    target_sensitivity: float | None = None
+    model_id: str = ""  # sha256 of WEIGHTS, filled by save_export
+    model_version: str = ""  # human label, e.g. the run name
+    data_fingerprint: str = ""
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelMetadata":
+        data = dict(data)
+        pre = from_dict(PreprocessConfig, data.pop("preprocess", {}) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(preprocess=pre, **{k: v for k, v in data.items() if k in known})
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    from cxr import __version__
+
+    return {"cxr": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, onnx: bool = True) -> ModelMetadata:
+    """Write weights, ONNX graph (checked against PyTorch) and metadata; returns the final metadata."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, out / WEIGHTS)
+    meta = dataclasses.replace(
+        meta,
+        model_id=sha256_file(out / WEIGHTS),
+        versions=meta.versions or versions(),
+        created_at=meta.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    (out / METADATA).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
+    if onnx:
+        from cxr.engine import export_onnx
+
+        cpu_model = build_model(len(meta.classes))
+        cpu_model.load_state_dict(state)
+        export_onnx(cpu_model, meta.preprocess.image_size, out / ONNX)
+    return meta
+
+
+def read_metadata(directory: str | Path) -> ModelMetadata:
+    path = Path(directory) / METADATA
+    if not path.is_file():
+        raise CxrError(f"{directory} is not a cxr model export (no {METADATA}); train one with `cxr train`")
+    try:
+        return ModelMetadata.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise CxrError(f"{path} is not valid model metadata: {exc}") from None
+
+
+def load_export(directory: str | Path, verify: bool = True) -> tuple[nn.Module, ModelMetadata]:
+    """The one model loader: (eval-mode CPU model, metadata) from an export directory."""
+    meta = read_metadata(directory)
+    weights = Path(directory) / WEIGHTS
+    if not weights.is_file():
+        raise CxrError(f"{directory}: weights file {WEIGHTS} is missing")
+    if verify and sha256_file(weights) != meta.model_id:
+        raise CxrError(f"{weights}: sha256 does not match model_id in {METADATA} (file changed or corrupt)")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model = build_model(len(meta.classes))
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"{weights}: cannot load weights: {exc}") from None
+    return model.eval(), meta

@@ -1,0 +1,61 @@
+"""Screening metrics and the decision rule, shared by training, screening and reports.
+
+The screening score is P(pneumonia) = 1 - P(normal), for the binary and the
+subtype task alike; the decision threshold applies to that score.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def pneumonia_score(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """N x C probabilities -> N scores of 'not normal'."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return 1.0 - probs[:, list(classes).index("normal")]
+
+
+def decide(probs: np.ndarray, classes: Sequence[str], threshold: float) -> list[str]:
+    """Predicted class names: 'normal' below the threshold, else the most likely non-normal class."""
+    probs = np.asarray(probs, dtype=np.float64)
+    classes = list(classes)
+    normal = classes.index("normal")
+    score = 1.0 - probs[:, normal]
+    masked = probs.copy()
+    masked[:, normal] = -1.0
+    best = masked.argmax(axis=1)
+    return [classes[normal] if s < threshold else classes[b] for s, b in zip(score, best)]
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity (recall of positives) is >= target.
+
+    The highest such threshold keeps specificity as high as the target allows.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    pos = np.sort(np.asarray(score, dtype=np.float64)[y_true])
+    if pos.size == 0:
+        return 0.5
+    # sensitivity(t) = mean(pos >= t); allowing k misses keeps pos[k] as the cut
+    k = int(np.floor((1.0 - target) * pos.size + 1e-9))
+    return float(pos[min(k, pos.size - 1)])
+
+
+def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity, precision, F1 at ``threshold`` (y_true: 1 = pneumonia)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    pred = s >= threshold
+    tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
+    fp, fn = int((pred & ~y).sum()), int((~pred & y).sum())
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    prec = tp / (tp + fp) if tp + fp else float("nan")
+    f1 = 2 * prec * sens / (prec + sens) if tp else 0.0
+    auc = float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else float("nan")
+    return {"auc": auc, "accuracy": (tp + tn) / max(1, y.size), "sensitivity": sens, "specificity": spec,
+            "precision": prec, "f1": f1, "threshold": float(threshold), "tp": tp, "tn": tn, "fp": fp, "fn": fn}

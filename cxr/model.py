@@ -1,0 +1,92 @@
+"""ResNet-50 for chest X-rays: one builder, one pretrained-weights loader.
+
+The network takes one grayscale channel: ImageNet's RGB ``conv1`` is folded to
+one channel by summing over its input channels (as timm's ``adapt_input_conv``
+does), which is exact for a gray image replicated to RGB.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+
+from cxr.errors import CxrError
+
+ARCH = "resnet50"
+
+
+def build_model(num_classes: int, pretrained: str = "none") -> nn.Module:
+    """ResNet-50 with a 1-channel stem and a ``num_classes`` head.
+
+    ``pretrained``: ``none`` (random init), ``imagenet`` (torchvision's weights
+    from its cache, or a download where a network exists) or a path to a local
+    state_dict (a torchvision-style ResNet-50 or one of our exports).
+    """
+    model = resnet50(weights=None)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    if pretrained and pretrained != "none":
+        load_backbone(model, _pretrained_state_dict(pretrained))
+    return model
+
+
+def _pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
+    if source == "imagenet":
+        weights = ResNet50_Weights.IMAGENET1K_V2
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # noqa: BLE001 - offline: URLError/OSError/socket errors
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            raise CxrError(
+                f"ImageNet weights are not cached at {cache} and could not be downloaded ({type(exc).__name__}); "
+                "copy the file there, or pass --pretrained PATH (a state_dict) or --pretrained none"
+            ) from None
+    path = Path(os.path.expanduser(source))
+    if not path.is_file():
+        raise CxrError(f"--pretrained: {source!r} is neither 'imagenet', 'none' nor an existing file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"--pretrained: cannot read weights from {path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CxrError(f"--pretrained: {path} does not hold a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a ResNet-50 state_dict into ``model`` except its head.
+
+    RGB ``conv1`` weights are folded to one channel; ``fc`` is kept only when its
+    shape matches (fine-tuning a model of ours), else left at its fresh init.
+    """
+    state = dict(state)
+    w = state.get("conv1.weight")
+    if w is not None and w.ndim == 4 and w.shape[1] == 3:
+        state["conv1.weight"] = w.sum(dim=1, keepdim=True)
+    own = model.state_dict()
+    for key in ("fc.weight", "fc.bias"):
+        if key in state and state[key].shape != own[key].shape:
+            del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise CxrError(
+            f"--pretrained: not a ResNet-50 state_dict ({len(missing)} missing keys e.g. {missing[:2]}, "
+            f"{len(unexpected)} unexpected e.g. {unexpected[:2]})"
+        )
+    bad = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.isfinite(v).all()]
+    if bad:
+        raise CxrError(f"--pretrained: weights contain NaN/Inf (e.g. {bad[0]})")
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze/unfreeze everything but the head (the warm-up phase of fine-tuning)."""
+    for name, p in model.named_parameters():
+        if not name.startswith("fc."):
+            p.requires_grad_(trainable)

@@ -1,0 +1,217 @@
+"""The one preprocessing path: raw bytes -> normalised single-channel tensor.
+
+Training, screening and serving all call :func:`preprocess` (training passes an
+``augment`` callable in between, nothing else differs), so there is no
+train/serve skew by construction. ``tests/test_preprocess.py`` checks it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from cxr.config import AugmentConfig, PreprocessConfig
+from cxr.errors import ImageError
+
+# We enforce our own pixel cap before decoding (PreprocessConfig.max_pixels);
+# PIL's own bomb check is a warning below 2x its default, so silence it.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
+
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"RIFF", "webp"),
+)
+
+
+def detect_format(data: bytes) -> str | None:
+    """Image format from content (magic bytes), not from the file name; None if not an image."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            if name == "webp" and data[8:12] != b"WEBP":
+                continue
+            return name
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> np.ndarray:
+    """Decode image bytes to a float32 HxW array in [0, 1].
+
+    8-bit and 16-bit data are *scaled* by their bit depth (never clipped), colour
+    and alpha are reduced to luminance, EXIF orientation is applied, and DICOM
+    goes through its modality/VOI LUTs. Raises :class:`ImageError` with a typed
+    code for anything that is not a usable image.
+    """
+    if not data:
+        raise ImageError("empty", "empty input (0 bytes)")
+    kind = detect_format(data)
+    if kind == "dicom":
+        return _decode_dicom(data, max_pixels)
+    if kind is None:
+        raise ImageError("not_image", "content is not a supported image (JPEG, PNG, DICOM, TIFF, BMP, WebP)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageError("corrupt", f"{kind} header could not be parsed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed headers
+        raise ImageError("corrupt", f"{kind} header could not be parsed: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError("too_large", f"{width}x{height} = {width * height} pixels exceeds the cap of {max_pixels}")
+    if width == 0 or height == 0:
+        raise ImageError("corrupt", f"image has no pixels ({width}x{height})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+    except OSError as exc:
+        code = "truncated" if "truncated" in str(exc) or "broken data stream" in str(exc) else "corrupt"
+        raise ImageError(code, f"{kind} data could not be decoded: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError("corrupt", f"{kind} data could not be decoded: {exc}") from None
+    return _to_unit_gray(img)
+
+
+def _to_unit_gray(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+    if mode == "I":  # 32-bit ints; PNG 16-bit grayscale decodes here in some PIL versions
+        arr = np.asarray(img, dtype=np.int64)
+        scale = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
+        return (np.clip(arr, 0, None).astype(np.float32) / scale).astype(np.float32)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if mode != "L":
+        img = img.convert("L")  # RGB/RGBA/LA/P/CMYK/YCbCr/1 -> ITU-R 601 luma, alpha dropped
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError("dicom_invalid", f"DICOM could not be parsed: {exc}") from None
+    if "PixelData" not in ds:
+        raise ImageError("dicom_invalid", "DICOM has no pixel data")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows * cols > max_pixels:
+        raise ImageError("too_large", f"{cols}x{rows} = {rows * cols} pixels exceeds the cap of {max_pixels}")
+    try:
+        raw = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        raise ImageError("unsupported", f"DICOM pixel data cannot be decoded here: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError("dicom_invalid", f"DICOM pixel data is unreadable: {exc}") from None
+    if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour DICOM (rare for X-ray)
+        raw = raw[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    elif raw.ndim != 2:
+        raise ImageError("unsupported", f"DICOM with {raw.ndim} dimensions (multi-frame?) is not supported")
+    arr = apply_modality_lut(raw, ds).astype(np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        arr = apply_voi_lut(arr, ds).astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+    else:  # scale by the stored bit depth, so a 16-bit copy of an 8-bit image scores the same
+        bits = int(ds.get("BitsStored", 16))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        lo, hi = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
+    out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(arr)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        out = 1.0 - out  # MONOCHROME1: high values are dark
+    return out.astype(np.float32)
+
+
+def apply_clahe(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation on 16-bit data (keeps precision)."""
+    import cv2
+
+    clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip, tileGridSize=(cfg.clahe_grid, cfg.clahe_grid))
+    u16 = np.round(np.clip(img, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    return clahe.apply(u16).astype(np.float32) / 65535.0
+
+
+def resize_square(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a 1xHxW tensor to 1xSxS (squash, antialiased bilinear)."""
+    if t.shape[-2:] == (size, size):
+        return t
+    return F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def to_model_input(img: np.ndarray, cfg: PreprocessConfig, augment: Augment | None = None) -> torch.Tensor:
+    """Decoded [0,1] image -> normalised 1xSxS float32 tensor (optionally augmented)."""
+    if cfg.clahe:
+        img = apply_clahe(img, cfg)
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
+    t = augment(t, cfg.image_size) if augment is not None else resize_square(t, cfg.image_size)
+    return (t - cfg.mean) / cfg.std
+
+
+def preprocess(data: bytes, cfg: PreprocessConfig, augment: Augment | None = None) -> torch.Tensor:
+    """THE preprocessing function: image bytes -> model input (1xSxS).
+
+    Raises :class:`ImageError` (typed ``code``) for unusable inputs.
+    """
+    return to_model_input(decode_image(data, cfg.max_pixels), cfg, augment)
+
+
+def image_size_of(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header without decoding pixels; None if unknown."""
+    try:
+        if detect_format(data) == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            return int(ds.Columns), int(ds.Rows)
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def make_train_augment(cfg: AugmentConfig) -> Augment:
+    """Training augmentation: random resized crop, small affine, brightness/contrast.
+
+    Operates on the [0,1] 1xHxW tensor *inside* :func:`preprocess`, so the
+    decode, CLAHE and normalisation steps stay shared with inference.
+    """
+    from torchvision.transforms import v2
+
+    def augment(t: torch.Tensor, size: int) -> torch.Tensor:
+        crop = v2.RandomResizedCrop(size, scale=(cfg.scale_min, 1.0), ratio=(cfg.ratio_min, cfg.ratio_max), antialias=True)
+        t = crop(t)
+        if cfg.rotate_deg or cfg.translate:
+            t = v2.RandomAffine(degrees=cfg.rotate_deg, translate=(cfg.translate, cfg.translate))(t)
+        if cfg.hflip and torch.rand(()) < cfg.hflip:
+            t = t.flip(-1)
+        if cfg.contrast:
+            c = 1.0 + (torch.rand(()) * 2 - 1) * cfg.contrast
+            t = (t - t.mean()) * c + t.mean()
+        if cfg.brightness:
+            t = t * (1.0 + (torch.rand(()) * 2 - 1) * cfg.brightness)
+        return t.clamp_(0.0, 1.0)
+
+    return augment

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real data in ../shared, tiny exported models, a local Ray instance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CXR_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data" / "chest_xray"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not (DATA / "MANIFEST.csv").is_file():
+        pytest.exit(f"shared data missing: {DATA} (set CXR_SHARED)", returncode=2)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The Kermany training split (read-only)."""
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def sample_images(data_dir: Path) -> list[Path]:
+    """A few real X-rays: 4 normal, 4 pneumonia."""
+    normal = sorted((data_dir / "train" / "NORMAL").glob("*.jpeg"))[:4]
+    pneu = sorted((data_dir / "train" / "PNEUMONIA").glob("*.jpeg"))[:4]
+    return normal + pneu
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported (untrained, seeded) binary model at 64 px: fast to score, real export format."""
+    import torch
+
+    from cxr.config import CLASSES, PreprocessConfig
+    from cxr.export import ModelMetadata, save_export
+    from cxr.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(2)
+    # a few BN-statistics updates so outputs are not saturated at 0/1
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 1, 64, 64))
+    out = tmp_path_factory.mktemp("model") / "model"
+    save_export(out, model.eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=PreprocessConfig(image_size=64),
+                                                 threshold=0.5, model_version="tiny-test"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray instance for one test module, shut down afterwards."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
