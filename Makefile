@@ -14,9 +14,9 @@ help:
 	@echo "make bench  - run the benchmarks in bench/ (long; figures go to BENCHMARKS.md)"
 
 $(UV):
-	@command -v curl >/dev/null && curl -LsSf https://astral.sh/uv/install.sh | sh >/dev/null 2>&1 || true
-	@test -x "$(UV)" || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-	@test -x "$(UV)" || (command -v uv >/dev/null && ln -sf "$$(command -v uv)" "$(UV)")
+	@echo "uv not found: installing it from the package registry"
+	@python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+	@test -x "$(UV)" || { mkdir -p $(dir $(UV)); ln -sf "$$(command -v uv)" "$(UV)"; }
 
 .venv/.synced: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --python 3.11
