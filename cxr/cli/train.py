@@ -1,0 +1,4 @@
+"""`cxr train`."""
+import click
+
+COMMANDS: list[click.Command] = []
