@@ -144,15 +144,16 @@ def per_class_table(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequen
     table: dict[str, Any] = {}
     for i, c in enumerate(labels):
         table[c] = {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": int(support[i])}
-    present = support > 0
-    table["macro avg"] = {m: float(np.nanmean(v[present])) if present.any() and not np.isnan(v[present]).all() else math.nan
-                          for m, v in (("precision", precision), ("recall", recall), ("f1", f1))}
-    table["macro avg"]["support"] = int(support.sum())
-    w = support / support.sum() if support.sum() else support
-    table["weighted avg"] = {m: float(np.nansum(v * w)) if support.sum() else math.nan
-                             for m, v in (("precision", precision), ("recall", recall), ("f1", f1))}
-    table["weighted avg"]["support"] = int(support.sum())
+    for name, weights in (("macro avg", np.ones(k)), ("weighted avg", support)):
+        # NaN entries are left out and the rest re-weighted, as sklearn does with zero_division=nan
+        table[name] = {m: _nan_average(v, weights) for m, v in (("precision", precision), ("recall", recall), ("f1", f1))}
+        table[name]["support"] = int(support.sum())
     return table, cm
+
+
+def _nan_average(values: np.ndarray, weights: np.ndarray) -> float:
+    ok = ~np.isnan(values) & (weights > 0)
+    return float(np.average(values[ok], weights=weights[ok])) if ok.any() else math.nan
 
 
 # ----------------------------------------------------------------------------- table handling
@@ -202,7 +203,8 @@ def _thin(*arrays: np.ndarray, limit: int = MAX_CURVE_POINTS) -> list[list[float
 
 
 def write_report(results: pa.Table, output_dir: str | Path, classes: list[str] | None = None) -> dict:
-    """Write metrics.json, PNG plots and report.html for screening ``results``; return the metrics.
+    """Write metrics.json, PNG plots and report.html for screening ``results``; return the metrics
+    exactly as written to metrics.json (undefined numbers as None).
 
     Never fails because of the data (no labels, one class only, all errors): sections that
     cannot be computed are marked unavailable with the reason. Fails (CxrError) only when
