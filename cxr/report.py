@@ -215,6 +215,8 @@ def write_report(results: pa.Table, output_dir: str | Path, classes: list[str] |
     metrics, data = _compute(results, classes)
     plots = _write_plots(metrics, data, out) if metrics["metrics_available"] else {}
     metrics["plots"] = {k: p.name for k, p in plots.items()}
+    for name in set(_PLOT_NAMES) - set(plots):  # a rerun into the same folder must not show stale plots
+        (out / f"{name}.png").unlink(missing_ok=True)
     clean = _json_ready(metrics)
     (out / "metrics.json").write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     (out / "report.html").write_text(_render_html(clean, plots), encoding="utf-8")

@@ -303,8 +303,10 @@ def test_degenerate_inputs_do_not_crash(tmp_path: Path) -> None:
     empty = make_results(BINARY).slice(0, 0)
     assert write_report(empty, tmp_path / "empty")["counts"]["rows"] == 0
     errors = make_results(BINARY).slice(505)
+    write_report(make_results(BINARY, n_errors=0), tmp_path / "errors")  # then rerun into the same folder
     m = write_report(errors, tmp_path / "errors")
     assert m["counts"]["errors"] == 9 and m["metrics_available"] is False
+    assert not list((tmp_path / "errors").glob("*.png"))  # no stale plots from the earlier run
     with pytest.raises(CxrError, match="prob_normal"):
         write_report(one.drop_columns(["prob_normal"]), tmp_path / "bad")
 
