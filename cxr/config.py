@@ -112,48 +112,61 @@ class ScreenConfig:
     fail_on_error: bool = False
     batch_size: int = 32
     workers: int = 0  # inference actors; 0 = as many as the cluster allows
+    threads_per_worker: int = 0  # engine intra-op threads per actor; 0 = CPUs / actors
     gpus_per_worker: float = 0.0
     engine: Literal["auto", "torch", "onnx"] = "auto"
     report: bool = True
     metrics_file: str | None = None
     pushgateway: str | None = None
+    part_rows: int = 256  # rows per Parquet part: what a SIGKILL can lose at most (plus part_seconds)
+    part_seconds: float = 10.0  # a part is also written after this long
+    progress: bool = True  # rows/s on stderr while running
 
 
 @dataclass
 class AutoscalingConfig:
-    """Ray Serve ``autoscaling_config`` (names match Ray's keys)."""
+    """Ray Serve ``autoscaling_config`` (names match Ray's keys, so it is passed through as is)."""
 
     min_replicas: int = 1
     max_replicas: int = 2
     initial_replicas: int | None = None
-    target_ongoing_requests: float = 8.0
+    target_ongoing_requests: float = 8.0  # per replica; ~ max_batch_size/2 keeps batches full without queueing
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
-    metrics_interval_s: float = 2.0
     look_back_period_s: float = 10.0
 
 
 @dataclass
 class ServeConfig:
-    """``cxr serve``, ``serve/config.yaml`` and the RayService are built from this."""
+    """``cxr serve``, ``serve/config.yaml`` and the RayService are built from this.
 
-    model: str = ""
+    ``serve.schema.serve_config_document`` turns it into a Ray Serve config
+    file, so the CLI, the committed YAML and the KubeRay manifest cannot drift.
+    """
+
+    model: str = ""  # export directory; "" = take it from $CXR_MODEL on the replica
     host: str = "127.0.0.1"
     port: int = 8000
-    metrics_port: int = 8080
+    metrics_port: int = 8080  # Ray's Prometheus export port (local Ray started by `cxr serve`)
     route_prefix: str = "/"
     app_name: str = "cxr"
     engine: Literal["auto", "torch", "onnx"] = "auto"
-    max_batch_size: int = 16
+    engine_threads: int = 0  # intra-op threads of the engine; 0 = the engine's default
+    preprocess_threads: int = 2  # decode+preprocess thread pool per replica (off the event loop)
+    max_batch_size: int = 16  # @serve.batch; runtime-settable through user_config
     batch_wait_ms: float = 10.0
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 64
-    gpus_per_replica: float = 0.0
+    max_batch_images: int = 32  # images per POST /v1/predict/batch
+    max_ongoing_requests: int = 32  # per replica
+    max_queued_requests: int = 64  # per caller (proxy); beyond it: overload_status_code
+    overload_status_code: int = 503  # 503 or 429 (Ray's backpressure_config)
+    retry_after_s: float | None = 1.0
+    gpus_per_replica: float = 0.0  # fractional allowed
     cpus_per_replica: float = 1.0
     max_body_mb: float = 20.0
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = 30.0  # in the app (JSON 503); the proxy gets this + 5 s as a backstop
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 20.0
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
@@ -194,3 +207,46 @@ def _nested_type(cls: type, name: str) -> type | None:
 def save_json(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+#: Training recipes. Flags override these; the resolved TrainConfig is saved with the run.
+#: cpu  - from scratch on a 2-core machine in < 45 min (measured: BENCHMARKS.md).
+#: gpu  - the cluster recipe: ImageNet fine-tune at 224, two-phase schedule, AMP, big batches.
+#: tiny - smoke runs (tests, `make demo`): seconds, not a useful model.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        workers=2, epochs=16, batch_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
+        schedule="onecycle", imbalance="weights", pretrained="none", warmup_epochs=0, amp=True,
+        channels_last=True, ema_decay=0.998, early_stop_patience=0,
+        preprocess=dict(image_size=128),
+    ),
+    "gpu": dict(
+        workers=4, gpus=1, cpus_per_worker=8, epochs=20, batch_size=64, lr=5e-4, weight_decay=0.05,
+        label_smoothing=0.1, schedule="cosine", imbalance="weights", pretrained="imagenet", warmup_epochs=2,
+        amp=True, channels_last=True, ema_decay=0.999, early_stop_patience=5,
+        preprocess=dict(image_size=224),
+    ),
+    "tiny": dict(
+        workers=2, epochs=1, batch_size=8, lr=1e-3, pretrained="none", amp=False, ema_decay=0.0,
+        keep_checkpoints=1, preprocess=dict(image_size=64),
+    ),
+}
+
+
+def resolve_train_config(preset: str, overrides: dict[str, Any]) -> TrainConfig:
+    """Preset values, then non-None ``overrides`` (``image_size``/``clahe`` go to ``preprocess``)."""
+    if preset not in TRAIN_PRESETS:
+        from cxr.errors import CxrError
+
+        raise CxrError(f"unknown preset {preset!r} (choose from {', '.join(TRAIN_PRESETS)})")
+    values: dict[str, Any] = {**TRAIN_PRESETS[preset], "preset": preset}
+    pre = dict(values.pop("preprocess", {}))
+    aug = dict(values.pop("augment", {}))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in {f.name for f in dataclasses.fields(PreprocessConfig)}:
+            pre[key] = value
+        else:
+            values[key] = value
+    return from_dict(TrainConfig, {**values, "preprocess": pre, "augment": aug})

@@ -21,5 +21,5 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **kwargs)  # the dashboard serves the State API Train uses
     return True

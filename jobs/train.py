@@ -1,0 +1,356 @@
+"""`cxr train`: DDP training of ResNet-50 with Ray Train (gloo on CPU, NCCL on GPU).
+
+The driver discovers the data, splits it by patient, runs a TorchTrainer and
+exports the best checkpoint. The worker loop is thin: everything it calls
+lives in ``cxr.training`` (plain PyTorch, testable without Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cxr.config import TrainConfig, from_dict, save_json, to_dict
+from cxr.data import Sample, discover, fingerprint, split_by_patient
+from cxr.errors import CxrError
+from cxr.export import ModelMetadata, save_export
+from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivity
+from cxr.model import build_model
+from cxr.preprocess import make_train_augment
+from cxr.training import (
+    DistributedBalancedSampler, LoadedImages, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
+    class_weights, cpu_has_fast_bf16, load_images, predict, seed_everything, train_one_epoch,
+)
+from jobs.common import init_ray
+
+RUN_NAME = "train"
+STATE_FILE = "state.pt"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _gather(obj: Any) -> list[Any]:
+    """all_gather_object across the DDP group (a list of one element without one)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _val_metrics(probs: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], target_sens: float) -> dict[str, float]:
+    normal = classes.index("normal")
+    y = (targets != normal).astype(int)
+    score = pneumonia_score(probs, classes)
+    at_half = binary_metrics(y, score, 0.5)
+    thr = threshold_for_sensitivity(y, score, target_sens)
+    at_target = binary_metrics(y, score, thr)
+    nll = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-7, 1.0)).mean())
+    return {
+        "val_loss": nll, "val_auc": at_half["auc"], "val_accuracy": at_half["accuracy"],
+        "val_sensitivity": at_half["sensitivity"], "val_specificity": at_half["specificity"],
+        "val_threshold": thr, "val_accuracy_at_threshold": at_target["accuracy"],
+        "val_sensitivity_at_threshold": at_target["sensitivity"],
+        "val_specificity_at_threshold": at_target["specificity"],
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP rank: load its data, train, evaluate, report and checkpoint every epoch."""
+    cfg = from_dict(TrainConfig, config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.seed + rank)
+    torch.set_num_threads(cfg.num_threads or cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    amp = cfg.amp and (device.type == "cuda" or cpu_has_fast_bf16())
+    classes = cfg.classes
+
+    train_imgs = load_images(config["train_paths"], config["train_targets"], cfg.preprocess.max_pixels)
+    # every rank scores a disjoint slice of the validation set; results are gathered
+    val_imgs = load_images(config["val_paths"][rank::world], config["val_targets"][rank::world], cfg.preprocess.max_pixels)
+    skipped = sum(_gather(train_imgs.n_skipped + val_imgs.n_skipped))
+    if rank == 0 and skipped:
+        _say(f"skipped {skipped} unreadable images")
+    train_ds = XrayDataset(train_imgs, cfg.preprocess, make_train_augment(cfg.augment))
+    val_ds = XrayDataset(val_imgs, cfg.preprocess)
+
+    if cfg.imbalance == "sampler":
+        sampler: torch.utils.data.Sampler = DistributedBalancedSampler(train_imgs.targets, rank, world, cfg.seed)
+    else:
+        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=config.get("loader_workers", 0), pin_memory=device.type == "cuda",
+                                         persistent_workers=config.get("loader_workers", 0) > 0)
+    steps_per_epoch = max(1, len(loader))
+
+    checkpoint = ray.train.get_checkpoint()
+    model = build_model(len(classes), "none" if checkpoint else cfg.pretrained)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    plain = getattr(model, "module", model)
+    ema = AveragedModel(plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    weights = class_weights(train_imgs.targets, len(classes)) if cfg.imbalance == "weights" else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                        label_smoothing=cfg.label_smoothing)
+
+    start_epoch, history, best_auc, since_best = 0, [], -1.0, 0
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        plain.load_state_dict(state["model"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        best_auc, since_best = state.get("best_auc", -1.0), state.get("since_best", 0)
+        if rank == 0:
+            _say(f"resumed from checkpoint after epoch {start_epoch}/{cfg.epochs}")
+
+    live_log = Path(config["output"]) / "metrics.jsonl" if rank == 0 else None
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0 and config.get("tty", False))
+        stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, amp, cfg.channels_last, ema,
+                                bar, config.get("max_steps"))
+        eval_model = ema.module if ema is not None else plain
+        probs = predict(eval_model, val_ds, cfg.batch_size * 2, device, amp, cfg.channels_last)
+        parts = _gather((probs, np.asarray(val_imgs.targets), stats["images_per_s"]))
+        all_probs = np.concatenate([p for p, _, _ in parts if len(p)])
+        all_targets = np.concatenate([t for _, t, _ in parts])
+        metrics = {"epoch": epoch + 1, **{k: stats[k] for k in ("loss", "train_accuracy")},
+                   **_val_metrics(all_probs, all_targets, classes, cfg.target_sensitivity),
+                   "images_per_s": float(sum(r for _, _, r in parts)), "lr": scheduler.get_last_lr()[-1],
+                   "epoch_seconds": time.time() - t0, "skipped_images": skipped}
+        history.append(metrics)
+        improved = metrics["val_auc"] > best_auc
+        best_auc, since_best = (metrics["val_auc"], 0) if improved else (best_auc, since_best + 1)
+        stop = bool(cfg.early_stop_patience and since_best >= cfg.early_stop_patience)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({
+                    "model": plain.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1, "history": history, "best_auc": best_auc, "since_best": since_best,
+                    "val_probs": all_probs, "val_targets": all_targets, "config": config["train"],
+                }, Path(tmp) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                _say(_epoch_line(metrics, cfg.epochs))
+                _append_jsonl(live_log, metrics)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            if rank == 0:
+                _say(f"early stop: val AUC has not improved for {since_best} epochs")
+            break
+
+
+def _say(line: str) -> None:
+    """One console line from rank 0 (Train's patched print() would log it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _epoch_line(m: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {m['epoch']:>2}/{epochs}  loss {m['loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+            f"val_auc {m['val_auc']:.4f}  acc {m['val_accuracy']:.3f}  sens {m['val_sensitivity']:.3f}  "
+            f"spec {m['val_specificity']:.3f}  {m['images_per_s']:.1f} img/s  {m['epoch_seconds']:.0f}s")
+
+
+def _append_jsonl(path: Path | None, row: dict[str, Any]) -> None:
+    if path is None:
+        return
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError:  # a worker on another node cannot see the driver's output folder: the driver rewrites it
+        pass
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _limit(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """A seeded, class-stratified subset of ``limit`` samples (smoke runs and tests)."""
+    if not limit or limit >= len(samples):
+        return samples
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_label.setdefault(s.label, []).append(s)
+    out: list[Sample] = []
+    for group in by_label.values():
+        k = max(2, round(limit * len(group) / len(samples)))
+        out += [group[i] for i in rng.permutation(len(group))[:k]]
+    return sorted(out, key=lambda s: s.path)
+
+
+def _check_resources(cfg: TrainConfig) -> None:
+    """More workers than the cluster has would hang waiting for resources: fail fast instead."""
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a remote cluster may autoscale up to the request
+    res = ray.cluster_resources()
+    need_cpu, need_gpu = cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus
+    if res.get("CPU", 0) < need_cpu or res.get("GPU", 0) < need_gpu:
+        raise CxrError(f"{cfg.workers} workers need {need_cpu} CPUs and {need_gpu} GPUs, but this Ray instance has "
+                       f"{res.get('CPU', 0):.0f} CPUs and {res.get('GPU', 0):.0f} GPUs; lower --workers/--gpus")
+
+
+def _storage(cfg: TrainConfig, output: Path) -> str:
+    if cfg.storage:
+        return cfg.storage if "://" in cfg.storage else str(Path(cfg.storage).expanduser().resolve())
+    return str((output / "checkpoints").resolve())
+
+
+def _has_run(storage: str) -> bool:
+    if "://" in storage:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(storage)
+        return fs.get_file_info(f"{path}/{RUN_NAME}").type != pafs.FileType.NotFound
+    return (Path(storage) / RUN_NAME).exists()
+
+
+def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, Any]:
+    """Train, pick the best checkpoint, choose the operating threshold, export. Returns the summary."""
+    output = Path(cfg.output).expanduser().resolve()
+    samples = _limit(discover(cfg.data, "train"), cfg.limit, cfg.seed)
+    for s in samples:
+        s.target(cfg.task)  # unknown labels fail here, before any worker starts
+    train, val = split_by_patient(samples, cfg.val_fraction, cfg.seed, cfg.task)
+    storage = _storage(cfg, output)
+    if _has_run(storage) and not cfg.resume:
+        raise CxrError(f"{storage}/{RUN_NAME} already holds a run: pass --resume to continue it, "
+                       "or choose another --output/--storage")
+    output.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, output / "config.json")
+    _write_split(output / "split.json", cfg, train, val)
+    if not cfg.resume:
+        (output / "metrics.jsonl").unlink(missing_ok=True)
+
+    started = init_ray()
+    try:
+        _check_resources(cfg)
+        trainer = ray.train.torch.TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "train": to_dict(cfg), "output": str(output), "tty": sys.stdout.isatty(), "max_steps": max_steps,
+                "train_paths": [s.path for s in train], "train_targets": [s.target(cfg.task) for s in train],
+                "val_paths": [s.path for s in val], "val_targets": [s.target(cfg.task) for s in val],
+            },
+            torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.gpus else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.workers, use_gpu=cfg.gpus > 0,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus} if cfg.gpus else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=RUN_NAME, storage_path=storage,
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_auc",
+                    checkpoint_score_order="max"),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        t0 = time.time()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise CxrError(f"training failed: {_root_cause(exc)}") from None
+        return _finish(cfg, output, result, train, val, time.time() - t0)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _root_cause(exc: BaseException) -> str:
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        return f"{type(first).__name__}: {str(first).strip().splitlines()[-1] if str(first).strip() else ''}"
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
+def _load_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _finish(cfg: TrainConfig, output: Path, result: Any, train: list[Sample], val: list[Sample],
+            seconds: float) -> dict[str, Any]:
+    best_ckpt, _ = max(result.best_checkpoints or [(result.checkpoint, {})],
+                       key=lambda cm: (cm[1].get("val_auc", -1.0), cm[1].get("epoch", 0)))
+    best = _load_state(best_ckpt)
+    latest = _load_state(result.checkpoint) if result.checkpoint != best_ckpt else best
+    history = latest["history"]
+
+    model = build_model(len(cfg.classes))
+    model.load_state_dict(best["model"])
+    if best.get("ema"):  # export the EMA weights: they were the ones validated
+        ema = AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(best["ema"])
+        model = ema.module
+    classes = cfg.classes
+    y = (best["val_targets"] != classes.index("normal")).astype(int)
+    score = pneumonia_score(best["val_probs"], classes)
+    threshold = threshold_for_sensitivity(y, score, cfg.target_sensitivity)
+    val_at_thr = binary_metrics(y, score, threshold)
+    epoch_metrics = next(h for h in history if h["epoch"] == best["epoch"]) if history else {}
+    meta = save_export(output / "model", model.eval(), ModelMetadata(
+        classes=list(classes), task=cfg.task, preprocess=cfg.preprocess, threshold=threshold,
+        target_sensitivity=cfg.target_sensitivity, model_version=f"{output.name}-epoch{best['epoch']}",
+        data_fingerprint=fingerprint(train + val),
+        val_metrics={**val_at_thr, "auc_epoch": epoch_metrics.get("val_auc"), "epoch": best["epoch"],
+                     "n_val": int(len(y))},
+        train_config=to_dict(cfg),
+    ))
+    with open(output / "metrics.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    from cxr.plots import plot_training_curves
+
+    plot_training_curves(history, output / "curves.png")
+    summary = {"model": str(output / "model"), "model_id": meta.model_id, "best_epoch": best["epoch"],
+               "epochs_run": len(history), "train_images": len(train), "val_images": len(val),
+               "train_seconds": round(seconds, 1), "threshold": threshold,
+               "val": {k: val_at_thr[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+               "skipped_images": history[-1].get("skipped_images", 0) if history else 0}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_split(path: Path, cfg: TrainConfig, train: list[Sample], val: list[Sample]) -> None:
+    """Record the patient split so a run can be audited and reproduced."""
+    def counts(ss: list[Sample]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in ss:
+            out[s.label] = out.get(s.label, 0) + 1
+        return out
+
+    path.write_text(json.dumps({
+        "seed": cfg.seed, "val_fraction": cfg.val_fraction, "grouped_by": "patient_id",
+        "train": {"images": len(train), "patients": len({s.patient_id for s in train}), "by_label": counts(train)},
+        "val": {"images": len(val), "patients": len({s.patient_id for s in val}), "by_label": counts(val),
+                "patient_ids": sorted({s.patient_id for s in val})},
+        "fingerprint": fingerprint(train + val),
+    }, indent=2) + "\n")
