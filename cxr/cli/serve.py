@@ -1,4 +1,130 @@
-"""`cxr serve` (placeholder until the screening job lands)."""
+"""`cxr serve`: the HTTP prediction API on Ray Serve (local Ray by default, or the cluster at RAY_ADDRESS).
+
+Ray and the Serve app are imported only when the command runs, so
+``cxr --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from cxr.config import AutoscalingConfig, ServeConfig
+
+_DEFAULT = ServeConfig()
+_AUTO = AutoscalingConfig()
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def build_config(**kw) -> ServeConfig:
+    """ServeConfig from CLI values (None = keep the default)."""
+    auto_keys = {"min_replicas", "max_replicas", "target_ongoing_requests"}
+    auto = AutoscalingConfig(**{k: v for k, v in kw.items() if k in auto_keys and v is not None})
+    if auto.min_replicas > auto.max_replicas:
+        raise click.BadParameter(f"--min-replicas {auto.min_replicas} > --max-replicas {auto.max_replicas}")
+    fields = {k: v for k, v in kw.items() if k not in auto_keys and v is not None}
+    if fields.get("model"):
+        fields["model"] = str(Path(fields["model"]).expanduser().resolve())  # replicas run elsewhere (cwd)
+    return ServeConfig(autoscaling=auto, **fields)
+
+
+@click.command("serve", context_settings=CONTEXT)
+@click.option("--model", type=click.Path(file_okay=False), help="Exported model directory (from `cxr train`).")
+@click.option("--host", default=_DEFAULT.host, show_default=True,
+              help="Interface the HTTP proxy binds (0.0.0.0 to accept remote clients).")
+@click.option("--port", type=int, default=_DEFAULT.port, show_default=True, help="HTTP port of the API.")
+@click.option("--metrics-port", type=int, default=_DEFAULT.metrics_port, show_default=True,
+              help="Prometheus port of the local Ray instance (cxr_* and ray_serve_* series).")
+@click.option("--min-replicas", type=int, default=_AUTO.min_replicas, show_default=True)
+@click.option("--max-replicas", type=int, default=_AUTO.max_replicas, show_default=True)
+@click.option("--target-ongoing-requests", type=float, default=_AUTO.target_ongoing_requests, show_default=True,
+              help="Autoscaling target: in-flight requests per replica.")
+@click.option("--gpus-per-replica", type=float, default=_DEFAULT.gpus_per_replica, show_default=True,
+              help="GPUs per replica (fractional allowed, e.g. 0.5 packs two replicas per GPU).")
+@click.option("--cpus-per-replica", type=float, default=_DEFAULT.cpus_per_replica, show_default=True)
+@click.option("--max-batch-size", type=int, default=_DEFAULT.max_batch_size, show_default=True,
+              help="Dynamic batching: most images per model forward (1 = no batching).")
+@click.option("--batch-wait-ms", type=float, default=_DEFAULT.batch_wait_ms, show_default=True,
+              help="Dynamic batching: longest wait for a batch to fill.")
+@click.option("--max-ongoing-requests", type=int, default=_DEFAULT.max_ongoing_requests, show_default=True,
+              help="In-flight requests per replica.")
+@click.option("--max-queued-requests", type=int, default=_DEFAULT.max_queued_requests, show_default=True,
+              help="Queued requests per proxy before answering 503 (overload).")
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default=_DEFAULT.engine, show_default=True,
+              help="auto = PyTorch on GPU, ONNX Runtime on CPU (the engine `cxr screen` uses).")
+@click.option("--max-body-mb", type=float, default=_DEFAULT.max_body_mb, show_default=True,
+              help="Request body cap in MiB (413 above it).")
+@click.option("--request-timeout-s", type=float, default=_DEFAULT.request_timeout_s, show_default=True)
+@click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all).")
+@click.option("--print-config", is_flag=True,
+              help="Print the Ray Serve config YAML for these flags (for `serve deploy`) and exit.")
+def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
+    """Serve predictions over HTTP with Ray Serve: dynamic batching, autoscaling, Prometheus metrics.
+
+    \b
+    Starts a local Ray instance (or joins the cluster at RAY_ADDRESS) and the app:
+      POST /v1/predict        one image: raw body (image/jpeg, image/png, application/dicom)
+                              or multipart field 'file'  ->  P(class), label, threshold, model id
+      POST /v1/predict/batch  several images, multipart (one part each)
+      GET  /v1/model          the export's metadata;  GET /healthz, /readyz;  /docs (OpenAPI)
+    Set CXR_API_TOKEN to require 'Authorization: Bearer <token>' on /v1/*.
+    Ctrl-C drains in-flight requests and stops everything this command started.
+
+    \b
+    Examples:
+      cxr serve --model runs/r1/model
+      curl -H 'Content-Type: image/jpeg' --data-binary @xray.jpeg http://127.0.0.1:8000/v1/predict
+      cxr serve --model /models/r1 --gpus-per-replica 0.5 --max-replicas 4 --print-config > serve.yaml
+    """
+    from cxr.errors import CxrError
+
+    cfg = build_config(**kw)
+    if print_config:
+        from serve.schema import serve_config_document, to_yaml
+
+        click.echo(to_yaml(serve_config_document(cfg)), nl=False)
+        return
+    if not cfg.model:
+        raise CxrError("--model is required (an export directory written by `cxr train`)")
+    from cxr.export import read_metadata
+    from serve import runner
+
+    meta = read_metadata(cfg.model)
+    click.echo(f"starting Ray Serve for model {meta.model_id[:12]} ({meta.model_version or 'unnamed'}) ...", err=True)
+
+    def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: drain and stop
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    started = None
+    try:
+        started = runner.start(cfg, num_cpus=num_cpus, quiet=True)
+
+        base = started.base_url
+        click.echo(f"cxr serve: model {meta.model_id[:12]} ({', '.join(meta.classes)}; threshold {meta.threshold:.3f})")
+        click.echo(f"  API      {base}/v1/predict   (also /v1/predict/batch, /v1/model)")
+        click.echo(f"  docs     {base}/docs")
+        click.echo(f"  health   {base}/healthz   {base}/readyz")
+        if started.metrics_url:
+            click.echo(f"  metrics  {started.metrics_url}   (Prometheus: ray_cxr_* and ray_serve_* series)")
+        else:
+            click.echo("  metrics  on the cluster's Ray metrics export port (ray_cxr_* series)")
+        click.echo(f"  auth     {'bearer token required on /v1/* (CXR_API_TOKEN)' if os.environ.get('CXR_API_TOKEN') else 'off (set CXR_API_TOKEN to require a bearer token)'}")
+        click.echo("Ctrl-C to stop.")
+        sys.stdout.flush()
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        click.echo("stopping: draining in-flight requests ...", err=True)
+    finally:
+        if started is not None:
+            runner.stop(started)
+            click.echo("stopped.", err=True)
+
+
+COMMANDS: list[click.Command] = [serve_cmd]

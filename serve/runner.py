@@ -1,0 +1,174 @@
+"""Start and stop the cxr Serve app: shared by ``cxr serve``, the tests and ``bench/serve_load.py``.
+
+Kept apart from the CLI so every caller deploys exactly what ``cxr serve``
+deploys (same builder, same options, same HTTP options).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cxr.config import ServeConfig
+from cxr.errors import CxrError
+from serve.schema import DEPLOYMENT_NAME, serve_config_document
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when nothing listens on host:port (checked before Ray grabs it, for a clear error)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port (tests and the benchmark never use 8000)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Started:
+    """What ``start`` brought up, so ``stop`` ends exactly that."""
+
+    cfg: ServeConfig
+    started_ray: bool
+    metrics_port: int | None  # None when connected to an existing cluster (its own port applies)
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::") else self.cfg.host
+        return f"http://{host}:{self.cfg.port}{self.cfg.route_prefix.rstrip('/')}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return None if self.metrics_port is None else f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval_ms: int | None = None,
+             quiet: bool = True) -> tuple[bool, int | None]:
+    """Connect to RAY_ADDRESS, or start a local Ray whose Prometheus export port is ``cfg.metrics_port``.
+
+    Returns (started_here, metrics_port). ``jobs.common.init_ray`` has no
+    metrics-port argument, so the local start is done here; the cluster case
+    reuses it unchanged.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    if os.environ.get("RAY_ADDRESS"):
+        from jobs.common import init_ray as connect
+
+        connect(quiet=quiet)
+        return False, None
+    if not port_free("127.0.0.1", cfg.metrics_port):
+        raise CxrError(f"metrics port {cfg.metrics_port} is in use; pick another with --metrics-port")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    kwargs: dict[str, Any] = {}
+    if metrics_report_interval_ms:
+        kwargs["_system_config"] = {"metrics_report_interval_ms": int(metrics_report_interval_ms)}
+    for attempt in (1, 2):  # Ray waits only 30 s for its raylet: on a loaded machine, try once more
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                     logging_level=logging.WARNING if quiet else logging.INFO,
+                     _metrics_export_port=cfg.metrics_port, **kwargs)
+            break
+        except Exception as exc:  # noqa: BLE001
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            time.sleep(2.0)
+    return True, cfg.metrics_port
+
+
+def deploy(cfg: ServeConfig, timeout_s: float = 300.0) -> None:
+    """Deploy ``serve_config_document(cfg)`` exactly as ``serve run serve/config.yaml`` would.
+
+    Going through the config document (not ``serve.run`` of a bound app) means
+    ``cxr serve``, ``serve/config.yaml`` and the RayService run one and the same
+    document, and a later deploy that changes only ``user_config`` (batch size,
+    wait) reconfigures the running replicas instead of replacing them.
+    ``client.deploy_apps`` is the call Ray's own ``serve run CONFIG`` makes
+    (ray is pinned in pyproject.toml).
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(serve_config_document(cfg))
+    serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump(),
+                logging_config=schema.logging_config)
+    before = serve.status().applications.get(cfg.app_name)
+    since = before.last_deployed_time_s if before is not None else 0.0
+    _get_global_client().deploy_apps(schema, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(cfg.app_name)
+        if app is not None and app.last_deployed_time_s > since:
+            status = str(app.status).rsplit(".", 1)[-1]
+            if status == "RUNNING":
+                return
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise CxrError(f"the Serve app {cfg.app_name!r} failed to deploy: {app.message}")
+        time.sleep(0.5)
+    raise CxrError(f"the Serve app {cfg.app_name!r} did not become RUNNING within {timeout_s:.0f} s")
+
+
+def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval_ms: int | None = None,
+          quiet: bool = True) -> Started:
+    """Ray (local or cluster) + Serve + the app. On failure, stops what it started."""
+    from cxr.export import read_metadata
+
+    if cfg.model:
+        read_metadata(cfg.model)  # a clear CxrError now rather than a replica crash loop later
+    if os.environ.get("RAY_ADDRESS") is None and not port_free(cfg.host, cfg.port):
+        raise CxrError(f"port {cfg.port} on {cfg.host} is in use; pick another with --port")
+    started_ray, metrics_port = init_ray(cfg, num_cpus, metrics_report_interval_ms, quiet)
+    handle = Started(cfg, started_ray, metrics_port)
+    try:
+        deploy(cfg)
+    except BaseException:
+        stop(handle)
+        raise
+    return handle
+
+
+def replica_count(app_name: str) -> int:
+    """RUNNING replicas of the model deployment (for the autoscaling benchmark)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or DEPLOYMENT_NAME not in app.deployments:
+        return 0
+    states = app.deployments[DEPLOYMENT_NAME].replica_states
+    return int(sum(n for state, n in states.items() if str(state).endswith("RUNNING")))
+
+
+def stop(started: Started) -> None:
+    """Graceful stop: Serve drains in-flight requests (graceful_shutdown_*), then Ray goes if we started it.
+
+    On a cluster we only delete our application: Serve and Ray belong to it.
+    """
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        if started.started_ray:
+            serve.shutdown()
+        else:
+            serve.delete(started.cfg.app_name)
+    finally:
+        if started.started_ray:
+            ray.shutdown()

@@ -1,0 +1,126 @@
+"""The Ray Serve config document for the cxr app, built from one ``ServeConfig``.
+
+Importable without Ray (it only builds dicts), so ``deploy/`` can embed the
+same document as a RayService ``serveConfigV2`` and ``serve/config.yaml`` can
+be regenerated and drift-checked against it::
+
+    python -m serve.schema > serve/config.yaml          # the committed default
+    cxr serve --model runs/r1/model --print-config      # with your flags applied
+
+``cxr serve`` deploys the very same options (``deployment_options``), so a
+local run and ``serve deploy serve/config.yaml`` behave alike.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from cxr.config import AutoscalingConfig, ServeConfig, to_dict
+
+#: ``import_path`` of the application builder (``serve/app.py::build_app``)
+IMPORT_PATH = "serve.app:build_app"
+#: the single deployment: FastAPI ingress + batched model in one replica (no extra hop)
+DEPLOYMENT_NAME = "CxrModel"
+#: the proxy's own timeout is a backstop behind the app's JSON timeout
+PROXY_TIMEOUT_MARGIN_S = 5.0
+
+
+def autoscaling_config(a: AutoscalingConfig) -> dict[str, Any]:
+    """Ray's ``autoscaling_config`` dict (unset optional keys dropped)."""
+    return {k: v for k, v in to_dict(a).items() if v is not None}
+
+
+def user_config(cfg: ServeConfig) -> dict[str, Any]:
+    """The runtime-settable part (``reconfigure``): changing it does not restart replicas."""
+    return {"max_batch_size": int(cfg.max_batch_size), "batch_wait_ms": float(cfg.batch_wait_ms)}
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Options for ``@serve.deployment(...).options(**)`` and a config file's ``deployments[]`` entry.
+
+    The same keys are valid in both places, so the CLI and the YAML cannot disagree.
+    """
+    if cfg.overload_status_code not in (429, 503):
+        raise ValueError(f"overload_status_code must be 503 or 429, not {cfg.overload_status_code}")
+    backpressure: dict[str, Any] = {"status_code": int(cfg.overload_status_code)}
+    if cfg.retry_after_s is not None:
+        backpressure["retry_after_s"] = float(cfg.retry_after_s)
+    return {
+        "max_ongoing_requests": int(cfg.max_ongoing_requests),
+        "max_queued_requests": int(cfg.max_queued_requests),
+        "backpressure_config": backpressure,
+        "autoscaling_config": autoscaling_config(cfg.autoscaling),
+        "ray_actor_options": {"num_cpus": float(cfg.cpus_per_replica), "num_gpus": float(cfg.gpus_per_replica)},
+        "user_config": user_config(cfg),
+        "health_check_period_s": float(cfg.health_check_period_s),
+        "health_check_timeout_s": float(cfg.health_check_timeout_s),
+        "graceful_shutdown_wait_loop_s": float(cfg.graceful_shutdown_wait_loop_s),
+        "graceful_shutdown_timeout_s": float(cfg.graceful_shutdown_timeout_s),
+    }
+
+
+def http_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Proxy options: where the API listens and its backstop timeout."""
+    return {"host": cfg.host, "port": int(cfg.port),
+            "request_timeout_s": float(cfg.request_timeout_s) + PROXY_TIMEOUT_MARGIN_S}
+
+
+#: ServeConfig fields the replica itself reads; the Serve knobs live in ``deployments[0]``
+APP_ARG_KEYS = ("model", "engine", "engine_threads", "preprocess_threads", "max_batch_images",
+                "max_body_mb", "request_timeout_s")
+
+
+def app_args(cfg: ServeConfig) -> dict[str, Any]:
+    """``args`` for ``build_app`` in a config file: the app-level fields only (no duplication).
+
+    ``cxr serve`` passes the whole ``to_dict(cfg)`` instead; ``build_app`` takes either.
+    """
+    full = to_dict(cfg)
+    return {k: full[k] for k in APP_ARG_KEYS}
+
+
+def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
+    """A Ray Serve config-file dict (``serve deploy`` / RayService ``serveConfigV2``) for ``cfg``.
+
+    ``deployments[0]`` overrides what the builder derives from ``args``; both
+    come from ``cfg`` here, so editing the YAML's deployment section is the
+    usual Serve way to tune replicas and limits on a cluster.
+    """
+    deployment = {"name": DEPLOYMENT_NAME, **deployment_options(cfg)}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": http_options(cfg),
+        "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True},
+        "applications": [
+            {
+                "name": cfg.app_name,
+                "import_path": IMPORT_PATH,
+                "route_prefix": cfg.route_prefix,
+                "args": app_args(cfg),
+                "deployments": [deployment],
+            }
+        ],
+    }
+
+
+HEADER = """\
+# Ray Serve config for the cxr app. GENERATED from cxr.config.ServeConfig by
+# serve/schema.py::serve_config_document -- do not edit by hand; regenerate with
+#   python -m serve.schema > serve/config.yaml
+# (tests/test_serve.py fails if this file drifts from the function's output).
+# Deploy on a running cluster:   serve deploy serve/config.yaml
+# The model directory: set applications[0].args.model, or $CXR_MODEL on the workers.
+# The bearer token comes from $CXR_API_TOKEN on the workers (never put it here).
+"""
+
+
+def to_yaml(doc: dict[str, Any]) -> str:
+    """The document as YAML, key order kept (stable, diff-friendly)."""
+    import yaml
+
+    return HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+if __name__ == "__main__":  # python -m serve.schema > serve/config.yaml
+    sys.stdout.write(to_yaml(serve_config_document(ServeConfig())))

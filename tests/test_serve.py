@@ -1,0 +1,363 @@
+"""`cxr serve`: the real app over HTTP on 127.0.0.1 in a local Ray instance (tiny 64-px model).
+
+One Ray instance and one deployment for the module (Ray start dominates the
+time); a separate test runs the `cxr serve` command itself and stops it with
+Ctrl-C. Never port 8000: every port is picked free.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cxr.config import AutoscalingConfig, ServeConfig
+from serve.schema import DEPLOYMENT_NAME, serve_config_document, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+# ------------------------------------------------------------------ no Ray needed
+def test_config_yaml_is_generated_from_serve_config() -> None:
+    """serve/config.yaml == serve_config_document(ServeConfig()) and is a valid Serve config."""
+    from ray.serve.schema import ServeDeploySchema
+
+    committed = (ROOT / "serve" / "config.yaml").read_text()
+    doc = serve_config_document(ServeConfig())
+    assert yaml.safe_load(committed) == doc, "serve/config.yaml drifted: run `python -m serve.schema > serve/config.yaml`"
+    assert committed == to_yaml(doc)
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    assert app["import_path"] == "serve.app:build_app" and app["deployments"][0]["name"] == DEPLOYMENT_NAME
+
+
+def test_config_document_follows_the_typed_config() -> None:
+    cfg = ServeConfig(model="/m", gpus_per_replica=0.5, max_batch_size=8, max_queued_requests=10,
+                      overload_status_code=429, autoscaling=AutoscalingConfig(min_replicas=2, max_replicas=6))
+    dep = serve_config_document(cfg)["applications"][0]["deployments"][0]
+    assert dep["ray_actor_options"]["num_gpus"] == 0.5
+    assert dep["autoscaling_config"]["min_replicas"] == 2 and dep["autoscaling_config"]["max_replicas"] == 6
+    assert dep["user_config"] == {"max_batch_size": 8, "batch_wait_ms": 10.0}
+    assert dep["max_queued_requests"] == 10 and dep["backpressure_config"]["status_code"] == 429
+    assert serve_config_document(cfg)["applications"][0]["args"]["model"] == "/m"
+
+
+def test_multipart_parser_keeps_binary_bytes() -> None:
+    import httpx
+
+    from serve.app import image_parts, parse_multipart
+
+    blob = bytes(range(256)) * 4 + b"\r\n--\r\n\r\n" + bytes(range(256))
+    req = httpx.Request("POST", "http://x/", files=[("files", ("a.png", blob, "image/png")),
+                                                   ("files", ("b.dcm", b"\r\n", "application/dicom"))],
+                        data={"note": "not a file"})
+    body = req.read()
+    parts = parse_multipart(req.headers["content-type"], body)
+    assert [p[1] for p in parts] == [None, "a.png", "b.dcm"] or [p[1] for p in parts] == ["a.png", "b.dcm", None]
+    files = image_parts(parts)
+    assert [f for f, _ in files] == ["a.png", "b.dcm"] and files[0][1] == blob and files[1][1] == b"\r\n"
+
+
+def test_cli_help_and_print_config() -> None:
+    from click.testing import CliRunner
+
+    from cxr.cli import main
+
+    out = CliRunner().invoke(main, ["serve", "--help"])
+    assert out.exit_code == 0
+    for flag in ("--model", "--host", "--port", "--metrics-port", "--min-replicas", "--max-replicas",
+                 "--gpus-per-replica", "--max-batch-size", "--batch-wait-ms"):
+        assert flag in out.output
+    out = CliRunner().invoke(main, ["serve", "--print-config", "--max-replicas", "3", "--gpus-per-replica", "0.25"])
+    assert out.exit_code == 0, out.output
+    doc = yaml.safe_load(out.output)
+    assert doc["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 3
+    assert doc["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0.25
+
+
+# ------------------------------------------------------------------ `cxr serve` itself, Ctrl-C
+@pytest.mark.slow
+def test_cxr_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_model: Path, sample_images: list[Path]) -> None:
+    import httpx
+
+    from serve.runner import free_port, port_free
+
+    port, mport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CXR_API_TOKEN")}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("cxr")), "serve", "--model", str(tiny_model), "--port", str(port), "--metrics-port", str(mport),
+         "--num-cpus", "2", "--max-replicas", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        text = "".join(lines)
+        assert f"http://127.0.0.1:{port}/v1/predict" in text and f"http://127.0.0.1:{port}/docs" in text, text
+        assert f"http://127.0.0.1:{mport}/metrics" in text, text
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", content=sample_images[0].read_bytes(),
+                       headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200 and r.json()["label"] in ("normal", "pneumonia")
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, text + rest
+        assert "stopped." in rest
+        assert port_free("127.0.0.1", port) and port_free("127.0.0.1", mport)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ the app over HTTP
+@pytest.fixture(scope="module")
+def server(tiny_model: Path):
+    """Local Ray (metrics reported every second) + the app, with a bearer token and small limits."""
+    from serve import runner
+
+    os.environ.pop("RAY_ADDRESS", None)
+    old_token = os.environ.get("CXR_API_TOKEN")
+    os.environ["CXR_API_TOKEN"] = TOKEN  # before ray.init: replicas inherit the environment
+    cfg = ServeConfig(model=str(tiny_model), port=runner.free_port(), metrics_port=runner.free_port(),
+                      max_body_mb=1.0, max_ongoing_requests=2, max_queued_requests=2, max_batch_size=4,
+                      batch_wait_ms=20.0, health_check_period_s=2.0,
+                      autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1))
+    started = runner.start(cfg, num_cpus=2, metrics_report_interval_ms=1000)
+    try:
+        yield started
+    finally:
+        runner.stop(started)
+        if old_token is None:
+            os.environ.pop("CXR_API_TOKEN", None)
+        else:
+            os.environ["CXR_API_TOKEN"] = old_token
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path, sample_images: list[Path]) -> dict[Path, np.ndarray]:
+    """What `cxr screen` computes: the same engine and THE preprocess, in-process."""
+    from cxr.engine import load_engine
+    from cxr.preprocess import preprocess
+
+    engine = load_engine(tiny_model)
+    pre = engine.meta.preprocess
+    return {p: engine.predict_proba(preprocess(p.read_bytes(), pre)[None].numpy())[0] for p in sample_images}
+
+
+def _predict(client, data: bytes, ctype: str = "image/jpeg", headers: dict | None = None):
+    return client.post("/v1/predict", content=data, headers={"Content-Type": ctype, **AUTH, **(headers or {})})
+
+
+def test_predict_equals_the_screening_engine(client, sample_images, expected, tiny_model) -> None:
+    from cxr.export import read_metadata
+
+    meta = read_metadata(tiny_model)
+    for path in (sample_images[0], sample_images[-1]):
+        r = _predict(client, path.read_bytes(), headers={"X-Request-ID": f"t-{path.stem}"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = np.array([body["probabilities"][c] for c in meta.classes])
+        np.testing.assert_allclose(got, expected[path], atol=1e-5)
+        assert body["model_id"] == meta.model_id and body["threshold"] == pytest.approx(meta.threshold)
+        assert body["label"] == ("normal" if 1 - got[0] < meta.threshold else "pneumonia")
+        assert body["request_id"] == f"t-{path.stem}" and body["latency_ms"] > 0
+        assert r.headers["x-model-id"] == meta.model_id
+    # multipart gives the same answer as the raw body
+    path = sample_images[1]
+    r = client.post("/v1/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose([r.json()["probabilities"][c] for c in meta.classes], expected[path], atol=1e-5)
+
+
+def test_png_and_dicom_bodies(client) -> None:
+    from PIL import Image
+
+    arr = (np.linspace(0, 255, 96 * 80).reshape(96, 80)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    assert _predict(client, buf.getvalue(), "image/png").status_code == 200
+    dcm = _dicom_bytes(arr.astype(np.uint16) * 16)
+    r = _predict(client, dcm, "application/dicom")
+    assert r.status_code == 200, r.text
+
+
+def _dicom_bytes(pixels: np.ndarray) -> bytes:
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_batch_endpoint_with_a_bad_item(client, sample_images, expected) -> None:
+    good = sample_images[2:4]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in good]
+    files.append(("files", ("cut.jpeg", good[0].read_bytes()[:600], "image/jpeg")))
+    r = client.post("/v1/predict/batch", files=files, headers=AUTH)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == [0, 1, 2]
+    for item, path in zip(results[:2], good):
+        np.testing.assert_allclose([item["probabilities"]["normal"], item["probabilities"]["pneumonia"]],
+                                   expected[path], atol=1e-5)
+    assert results[2]["error"]["code"] in ("truncated", "corrupt") and "probabilities" not in results[2]
+
+
+def test_model_health_ready_docs(client, tiny_model) -> None:
+    from cxr.export import read_metadata
+
+    meta = read_metadata(tiny_model)
+    r = client.get("/v1/model", headers=AUTH)
+    assert r.status_code == 200 and r.json()["model_id"] == meta.model_id
+    assert r.json()["classes"] == ["normal", "pneumonia"] and r.json()["serving"]["auth"] is True
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    assert client.get("/docs").status_code == 200
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+BAD = [  # (name, request kwargs, status, code)
+    ("text body", dict(content=b"hello", headers={"Content-Type": "text/plain", **AUTH}), 415, "unsupported_media_type"),
+    ("json body", dict(content=b'{"a": 1}', headers={"Content-Type": "application/json", **AUTH}), 415,
+     "unsupported_media_type"),
+    ("bytes labelled jpeg", dict(content=b"not an image at all" * 10, headers={"Content-Type": "image/jpeg", **AUTH}),
+     415, "not_image"),
+    ("empty", dict(content=b"", headers={"Content-Type": "image/jpeg", **AUTH}), 422, "empty"),
+    ("truncated jpeg", "TRUNCATED", 422, "truncated"),
+    ("corrupt png", dict(content=b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50,
+                         headers={"Content-Type": "image/png", **AUTH}), 422, "corrupt"),
+    ("over the body cap", dict(content=b"\xff\xd8\xff" + b"\0" * (1024 * 1024 + 10),
+                               headers={"Content-Type": "image/jpeg", **AUTH}), 413, "body_too_large"),
+    ("no token", dict(content=b"\xff\xd8\xff", headers={"Content-Type": "image/jpeg"}), 401, "unauthorized"),
+    ("wrong token", dict(content=b"\xff\xd8\xff", headers={"Content-Type": "image/jpeg",
+                                                           "Authorization": "Bearer nope"}), 401, "unauthorized"),
+    ("multipart without file", dict(data={"x": "1"}, files={"note": (None, b"hi")}, headers=AUTH), 422, "no_image"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,status,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_its_status_and_the_next_request_succeeds(client, sample_images, name, kwargs, status,
+                                                                  code) -> None:
+    if kwargs == "TRUNCATED":
+        kwargs = dict(content=sample_images[0].read_bytes()[:700], headers={"Content-Type": "image/jpeg", **AUTH})
+    r = client.post("/v1/predict", **kwargs)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    body = r.json()
+    assert body["code"] == code and body["message"] and body["request_id"], body
+    ok = _predict(client, sample_images[0].read_bytes())
+    assert ok.status_code == 200, ok.text
+
+
+def test_other_errors_are_json(client, sample_images) -> None:
+    r = client.post("/v1/predict/batch", content=sample_images[0].read_bytes(),
+                    headers={"Content-Type": "image/jpeg", **AUTH})
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    r = client.post("/v1/predict/batch", headers=AUTH,
+                    files=[("files", (f"{i}.jpeg", b"\xff\xd8\xff", "image/jpeg")) for i in range(33)])
+    assert r.status_code == 413 and r.json()["code"] == "too_many_images"
+
+
+def test_overload_answers_503_never_500_and_recovers(client, sample_images) -> None:
+    data = sample_images[0].read_bytes()
+    with cf.ThreadPoolExecutor(48) as pool:
+        statuses = list(pool.map(lambda _: _predict(client, data).status_code, range(96)))
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses, statuses  # max_ongoing 2 + max_queued 2 per proxy
+    assert _predict(client, data).status_code == 200
+
+
+def test_batching_knobs_change_at_runtime(server, client, sample_images) -> None:
+    """user_config only: Serve reconfigures the running replica (same replica id, new batch size)."""
+    import dataclasses
+
+    from serve import runner
+
+    before = client.get("/v1/model", headers=AUTH).json()["serving"]
+    runner.deploy(dataclasses.replace(server.cfg, max_batch_size=3, batch_wait_ms=5.0))
+    after = client.get("/v1/model", headers=AUTH).json()["serving"]
+    assert (after["max_batch_size"], after["batch_wait_ms"]) == (3, 5.0)
+    assert after["replica"] == before["replica"]
+    assert _predict(client, sample_images[0].read_bytes()).status_code == 200
+
+
+def _series(text: str, name: str) -> list[tuple[str, float]]:
+    return [(m.group(1), float(m.group(2))) for m in re.finditer(rf"^{name}\{{(.*?)\}} ([0-9.e+-]+)$", text, re.M)]
+
+
+def _total(text: str, name: str, **labels: str) -> float:
+    return sum(v for lab, v in _series(text, name) if all(f'{k}="{val}"' in lab for k, val in labels.items()))
+
+
+def _scrape(server) -> str:
+    import httpx
+
+    return httpx.get(server.metrics_url, timeout=10).text
+
+
+def test_metrics_endpoint_shows_cxr_counters_moving(server, client, sample_images, tiny_model) -> None:
+    from cxr.export import read_metadata
+
+    def wait_for(pred, timeout: float = 45.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = _scrape(server)
+            if pred(text) or time.monotonic() > deadline:
+                return text
+            time.sleep(1.0)
+
+    text = wait_for(lambda t: _total(t, "ray_cxr_requests_total", route="/v1/predict", status="200") > 0)
+    ok_before = _total(text, "ray_cxr_requests_total", route="/v1/predict", status="200")
+    assert ok_before > 0, "no ray_cxr_requests_total series (Ray exports cxr_* with its ray_ prefix)"
+    for _ in range(3):
+        assert _predict(client, sample_images[0].read_bytes()).status_code == 200
+    text = wait_for(lambda t: _total(t, "ray_cxr_requests_total", route="/v1/predict", status="200") >= ok_before + 3)
+    assert _total(text, "ray_cxr_requests_total", route="/v1/predict", status="200") >= ok_before + 3
+    assert _total(text, "ray_cxr_requests_total", route="/v1/predict", status="415") >= 1
+    assert _total(text, "ray_cxr_errors_total", code="truncated") >= 1
+    assert _total(text, "ray_cxr_predictions_total") > 0
+    assert _total(text, "ray_cxr_batch_size_count") > 0 and _total(text, "ray_cxr_request_latency_ms_count") > 0
+    assert _total(text, "ray_cxr_probability_count", class_name="pneumonia") > 0
+    assert _total(text, "ray_cxr_model_info", model_id=read_metadata(tiny_model).model_id) >= 1
+    assert re.search(r"^ray_serve_\w+", text, re.M), "Ray Serve's own series are missing"
