@@ -82,7 +82,9 @@ def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> 
             img.load()
             img = ImageOps.exif_transpose(img) or img
     except OSError as exc:
-        code = "truncated" if "truncated" in str(exc) or "broken data stream" in str(exc) else "corrupt"
+        # PIL says "truncated" when data ends early; "broken data stream" is a zlib error inside
+        # the data (a damaged PNG/TIFF), i.e. corrupt, not truncated
+        code = "truncated" if "truncated" in str(exc) else "corrupt"
         raise ImageError(code, f"{kind} data could not be decoded: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageError("corrupt", f"{kind} data could not be decoded: {exc}") from None
