@@ -1,0 +1,599 @@
+"""Screening results: the versioned Parquet schema and the pure helpers around it.
+
+No Ray here: the Ray Data job (``jobs/screen.py``), ``cxr report`` and the
+tests share these functions, so the on-disk contract lives in one place.
+
+Output folder layout (``cxr screen ... --output OUT``)::
+
+    OUT/_screen.json            which model owns the folder, schema version
+    OUT/_screen.lock            advisory lock (local outputs): one run at a time
+    OUT/results/part-*.parquet  result parts; each appears atomically when complete
+    OUT/results/_tmp/           parts being written (removed at the next start)
+    OUT/report/                 evaluation report when labels are known
+    OUT/summary.json            the last run's summary
+
+Schema (version :data:`SCHEMA_VERSION`), one row per input file:
+
+=============== =========== ==================================================
+column          type        meaning
+=============== =========== ==================================================
+path            string      absolute local path, or full URI (s3://b/k.dcm)
+size_bytes      int64       file size
+sha256          string      hex sha256 of the file content
+width, height   int32       image size from its header (null when unreadable)
+prob_<class>    float32     model probability per class (null on error rows)
+label           string      predicted class (``cxr.metrics.decide``; null on error)
+threshold       float64     decision threshold on P(not normal) from the export
+model_id        string      sha256 of the export's weights
+model_version   string      the export's human-readable version
+scored_at       timestamp   UTC time the row was produced
+error_code      string      ``cxr.errors.ImageError.CODES`` member; null when scored
+error           string      human-readable error message; null when scored
+true_label      string      ground truth from folder layout / --labels; null if unknown
+=============== =========== ==================================================
+
+A path rescored later (its content changed, or ``--force``) gets a new row in
+a newer part; readers keep the newest row per path (:func:`dedupe_latest`,
+:func:`read_results`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cxr.data import IMAGE_SUFFIXES, label_from_path, normalise_label, read_manifest_rows
+from cxr.errors import CxrError
+
+SCHEMA_VERSION = 1
+STATE_FILE = "_screen.json"
+LOCK_FILE = "_screen.lock"
+RESULTS_DIR = "results"
+TMP_DIR = "_tmp"
+REPORT_DIR = "report"
+SUMMARY_FILE = "summary.json"
+#: error codes that mean "try again next run" rather than "this file is bad"
+RETRY_CODES = frozenset({"read_failed"})
+_SNIFF_BYTES = 132  # enough for every magic number, DICOM's "DICM" sits at 128
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def prob_column(name: str) -> str:
+    return f"prob_{name}"
+
+
+def result_schema(classes: Sequence[str]) -> pa.Schema:
+    """The versioned Parquet schema of screening results for a model's classes."""
+    fields = [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        *[pa.field(prob_column(c), pa.float32()) for c in classes],
+        pa.field("label", pa.string()),
+        pa.field("threshold", pa.float64()),
+        pa.field("model_id", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC")),
+        pa.field("error_code", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("true_label", pa.string()),
+    ]
+    meta = {"cxr.schema": "screening", "cxr.schema_version": str(SCHEMA_VERSION), "cxr.classes": json.dumps(list(classes))}
+    return pa.schema(fields, metadata=meta)
+
+
+def classes_of(schema: pa.Schema) -> list[str]:
+    """Class names of a results schema (from its metadata, else from its prob_ columns)."""
+    meta = schema.metadata or {}
+    if b"cxr.classes" in meta:
+        return list(json.loads(meta[b"cxr.classes"]))
+    return [n[len("prob_"):] for n in schema.names if n.startswith("prob_")]
+
+
+def build_rows(
+    base: Mapping[str, Sequence[Any]],
+    probs: np.ndarray,
+    ok: np.ndarray,
+    classes: Sequence[str],
+    threshold: float,
+    model_id: str,
+    model_version: str,
+    scored_at: datetime | None = None,
+    true_label: Sequence[str | None] | None = None,
+) -> pa.Table:
+    """One results table from per-file fields and the engine's probabilities.
+
+    ``base`` holds path, size_bytes, sha256, width, height, error_code, error
+    (empty string / negative size = unknown); ``probs`` is N x C with rows for
+    error files ignored; ``ok`` marks the rows that were scored. The decision is
+    :func:`cxr.metrics.decide` at ``threshold``, the same rule serving uses.
+    """
+    from cxr.metrics import decide
+
+    n = len(base["path"])
+    ok = np.asarray(ok, dtype=bool).reshape(n)
+    probs = np.asarray(probs, dtype=np.float32).reshape(n, len(classes)) if n else np.zeros((0, len(classes)), np.float32)
+    labels = decide(probs, classes, threshold) if n else []
+    when = scored_at or datetime.now(timezone.utc)
+
+    def opt_str(values: Sequence[Any]) -> list[str | None]:
+        return [None if v is None or v == "" else str(v) for v in values]
+
+    def opt_int(values: Sequence[Any]) -> list[int | None]:
+        return [None if v is None or int(v) < 0 else int(v) for v in values]
+
+    cols: dict[str, Any] = {
+        "path": [str(p) for p in base["path"]],
+        "size_bytes": opt_int(base["size_bytes"]),
+        "sha256": opt_str(base["sha256"]),
+        "width": opt_int(base["width"]),
+        "height": opt_int(base["height"]),
+    }
+    for j, c in enumerate(classes):
+        cols[prob_column(c)] = pa.array(probs[:, j], pa.float32(), mask=~ok)
+    cols["label"] = [lab if good else None for lab, good in zip(labels, ok)]
+    cols["threshold"] = [float(threshold)] * n
+    cols["model_id"] = [model_id] * n
+    cols["model_version"] = [model_version] * n
+    cols["scored_at"] = [when] * n
+    codes = opt_str(base["error_code"])
+    cols["error_code"] = [None if good else (code or "corrupt") for code, good in zip(codes, ok)]
+    cols["error"] = [None if good else msg for msg, good in zip(opt_str(base["error"]), ok)]
+    cols["true_label"] = list(true_label) if true_label is not None else [None] * n
+    schema = result_schema(classes)
+    return pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
+                     for f in schema}, schema=schema)
+
+
+def empty_results(classes: Sequence[str]) -> pa.Table:
+    return result_schema(classes).empty_table()
+
+
+# --------------------------------------------------------------------------- resume keys
+
+
+def resume_key(path: str, sha256: str) -> bytes:
+    """16-byte key of (path, content): a row is done when this key was scored by the model.
+
+    Keyed by path *and* sha256, so two identical files at different paths still
+    get one row each, and a file whose content changed is scored again.
+    """
+    return hashlib.blake2b(f"{path}\0{sha256}".encode(), digest_size=16).digest()
+
+
+def done_keys(results: pa.Table, model_id: str) -> np.ndarray:
+    """Sorted ``S16`` array of resume keys already scored by ``model_id``.
+
+    A sorted fixed-width array (not a Python set) so workers can share it
+    zero-copy through Ray's object store and test membership with a binary search.
+    """
+    if results.num_rows == 0:
+        return np.zeros(0, dtype="S16")
+    t = results.select(["path", "sha256", "model_id", "error_code"]).to_pydict()
+    keys = {
+        resume_key(p, s)
+        for p, s, m, e in zip(t["path"], t["sha256"], t["model_id"], t["error_code"])
+        if m == model_id and s and e not in RETRY_CODES
+    }
+    return np.array(sorted(keys), dtype="S16")
+
+
+def is_done(keys: np.ndarray, key: bytes) -> bool:
+    if keys.size == 0:
+        return False
+    i = int(np.searchsorted(keys, np.bytes_(key)))
+    return i < keys.size and keys[i] == key
+
+
+# --------------------------------------------------------------------------- reading results
+
+
+def dedupe_latest(table: pa.Table) -> pa.Table:
+    """One row per path: the newest by ``scored_at`` (later rows win ties)."""
+    n = table.num_rows
+    if n == 0:
+        return table
+    paths = np.asarray(table.column("path").to_pylist(), dtype=object)
+    when = table.column("scored_at").cast(pa.int64()).fill_null(-(2**62)).to_numpy()
+    order = np.arange(n)
+    # lexsort: last key is primary -> path asc, then newest first, then later row first
+    idx = np.lexsort((-order, -when, paths.astype(str)))
+    sorted_paths = paths[idx]
+    first = np.ones(n, dtype=bool)
+    first[1:] = sorted_paths[1:] != sorted_paths[:-1]
+    return table.take(pa.array(np.sort(idx[first])))
+
+
+def open_fs(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a pyarrow filesystem URI."""
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as exc:  # noqa: BLE001 - ArrowInvalid, ArrowNotImplementedError, OSError
+            raise CxrError(f"cannot open {location}: {exc}") from None
+    return pafs.LocalFileSystem(), str(Path(os.path.expanduser(location)).resolve())
+
+
+def uri_prefix(location: str) -> str:
+    """What to put before a filesystem path to give the user-facing path ('' for local)."""
+    return location.split("://", 1)[0] + "://" if "://" in location else ""
+
+
+def list_parts(fs: pafs.FileSystem, out_dir: str) -> list[str]:
+    """Completed result parts, oldest first (part names start with a UTC timestamp)."""
+    res = f"{out_dir}/{RESULTS_DIR}"
+    if fs.get_file_info(res).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(res, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith(("_", ".")))
+
+
+def read_parts(location: str, classes: Sequence[str] | None = None) -> pa.Table:
+    """All rows of all parts (duplicates by path included), in part order."""
+    fs, out_dir = open_fs(location)
+    parts = list_parts(fs, out_dir)
+    if not parts:
+        return empty_results(classes or read_state(location).get("classes") or [])
+    tables = []
+    for p in parts:
+        try:
+            tables.append(pq.read_table(p, filesystem=fs))
+        except Exception as exc:  # noqa: BLE001
+            raise CxrError(f"cannot read result part {p}: {exc}") from None
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowInvalid as exc:
+        raise CxrError(f"result parts in {location} have different schemas: {exc}") from None
+
+
+def read_results(location: str) -> pa.Table:
+    """The current results of a screening folder: one row per path, newest first wins."""
+    fs, out_dir = open_fs(location)
+    if fs.get_file_info(out_dir).type != pafs.FileType.Directory:
+        raise CxrError(f"screening folder not found: {location}")
+    state = read_state(location)
+    if not state and not list_parts(fs, out_dir):
+        raise CxrError(f"{location} is not a cxr screening folder (no {STATE_FILE}, no {RESULTS_DIR}/part-*.parquet)")
+    return dedupe_latest(read_parts(location, state.get("classes")))
+
+
+# --------------------------------------------------------------------------- folder state
+
+
+def read_state(location: str) -> dict[str, Any]:
+    fs, out_dir = open_fs(location)
+    path = f"{out_dir}/{STATE_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return {}
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"{location}/{STATE_FILE} is unreadable ({exc}); remove it or use a new --output") from None
+
+
+def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: bool) -> None:
+    """Refuse to mix models in one output folder unless ``--force``."""
+    if not state:
+        return
+    if int(state.get("schema_version", SCHEMA_VERSION)) > SCHEMA_VERSION:
+        raise CxrError(f"{location} was written by a newer cxr (schema v{state['schema_version']} > v{SCHEMA_VERSION})")
+    owner = state.get("model_id")
+    if owner and owner != model_id and not force:
+        raise CxrError(
+            f"{location} holds results of another model ({state.get('model_version') or '?'} {owner[:12]}), "
+            f"not {model_id[:12]}; use a new --output, or --force to rescore everything with this model"
+        )
+
+
+def write_state(location: str, model_id: str, model_version: str, classes: Sequence[str]) -> None:
+    fs, out_dir = open_fs(location)
+    state = {"schema_version": SCHEMA_VERSION, "model_id": model_id, "model_version": model_version,
+             "classes": list(classes), "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_bytes_atomic(fs, f"{out_dir}/{STATE_FILE}", (json.dumps(state, indent=2) + "\n").encode())
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+class PartWriter:
+    """Buffers result rows and writes them as Parquet parts that appear atomically.
+
+    A part is written to ``results/_tmp/`` and renamed into ``results/`` when
+    complete, so a reader (or a rerun after SIGKILL) never sees half a part;
+    rows still in the buffer when the process dies are simply scored again.
+    """
+
+    def __init__(self, location: str, schema: pa.Schema, part_rows: int = 256, part_seconds: float = 10.0) -> None:
+        self.fs, self.out_dir = open_fs(location)
+        self.schema = schema
+        self.part_rows = max(1, part_rows)
+        self.part_seconds = part_seconds
+        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.results = f"{self.out_dir}/{RESULTS_DIR}"
+        self.tmp = f"{self.results}/{TMP_DIR}"
+        self.fs.create_dir(self.tmp, recursive=True)
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.seq = 0
+        self.rows_written = 0
+        self.last_flush = time.monotonic()
+        self.paths: list[str] = []
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.buffer.append(table.select(self.schema.names).cast(self.schema))
+            self.buffered += table.num_rows
+        if self.buffered >= self.part_rows or (self.buffered and time.monotonic() - self.last_flush >= self.part_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        table = pa.concat_tables(self.buffer)
+        name = f"part-{self.run_id}-{self.seq:05d}.parquet"
+        tmp, final = f"{self.tmp}/{name}", f"{self.results}/{name}"
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        self.fs.move(tmp, final)
+        self.paths.append(final)
+        self.seq += 1
+        self.rows_written += table.num_rows
+        self.buffer, self.buffered, self.last_flush = [], 0, time.monotonic()
+
+
+def clean_tmp(location: str) -> None:
+    """Remove parts left half-written by a killed run."""
+    fs, out_dir = open_fs(location)
+    tmp = f"{out_dir}/{RESULTS_DIR}/{TMP_DIR}"
+    if fs.get_file_info(tmp).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(tmp, missing_dir_ok=True)
+
+
+def remove_results(location: str) -> None:
+    """``--force``: forget every earlier result in the folder."""
+    fs, out_dir = open_fs(location)
+    for sub in (RESULTS_DIR, REPORT_DIR):
+        if fs.get_file_info(f"{out_dir}/{sub}").type == pafs.FileType.Directory:
+            fs.delete_dir(f"{out_dir}/{sub}")
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # user-facing path (absolute local path or full URI)
+    fs_path: str  # path inside the filesystem
+    size: int
+
+
+def _matches(rel: str, pattern: str) -> bool:
+    """``--glob``: a pattern without '/' matches the file name, otherwise the path under the archive."""
+    if "/" not in pattern:
+        return fnmatch.fnmatchcase(PurePosixPath(rel).name, pattern)
+    return fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(rel, pattern.replace("**/", ""))
+
+
+def list_archive(archive: str, glob: str | None = None, limit: int | None = None,
+                 exclude: Iterable[str] = ()) -> tuple[list[InputFile], pafs.FileSystem, int]:
+    """Input files under ``archive`` (local folder, single file or pyarrow URI), sorted by path.
+
+    A file is an input when its name has an image suffix, or when its first
+    bytes are an image (``cxr.preprocess.detect_format``: e.g. DICOM without an
+    extension). Other files (notes, manifests) are ignored; their count is
+    returned third. ``--limit`` keeps the first N inputs of the sorted listing.
+    """
+    from cxr.preprocess import detect_format
+
+    fs, root = open_fs(archive)
+    prefix = uri_prefix(archive)
+    try:
+        info = fs.get_file_info(root)
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"cannot access archive {archive}: {exc}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise CxrError(f"archive not found: {archive}")
+    if info.type == pafs.FileType.File:
+        infos, base = [info], str(PurePosixPath(root).parent)
+    else:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        except Exception as exc:  # noqa: BLE001
+            raise CxrError(f"cannot list archive {archive}: {exc}") from None
+        base = root
+    excluded = [e.rstrip("/") + "/" for e in exclude]
+    files: list[InputFile] = []
+    ignored = 0
+    for fi in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        if any(fi.path.startswith(e) for e in excluded):
+            continue
+        rel = fi.path[len(base):].lstrip("/")
+        if glob and not _matches(rel, glob):
+            continue
+        if PurePosixPath(fi.base_name).suffix.lower() not in IMAGE_SUFFIXES:
+            try:
+                with fs.open_input_file(fi.path) as f:
+                    head = f.read(_SNIFF_BYTES)
+            except Exception:  # noqa: BLE001 - unreadable: let the job report read_failed
+                head = b""
+            if not head or detect_format(head) is None:
+                ignored += 1
+                continue
+        files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0)))
+        if limit is not None and len(files) >= limit:
+            break
+    return files, fs, ignored
+
+
+# --------------------------------------------------------------------------- labels
+
+
+@dataclass
+class LabelIndex:
+    """Ground truth for result rows: by path, then by content hash, then by folder name."""
+
+    by_path: dict[str, str] = field(default_factory=dict)
+    by_sha: dict[str, str] = field(default_factory=dict)
+    from_folders: bool = True
+
+    def lookup(self, path: str, sha256: str | None) -> str | None:
+        if path in self.by_path:
+            return self.by_path[path]
+        if sha256 and sha256 in self.by_sha:
+            return self.by_sha[sha256]
+        return label_from_path(path) if self.from_folders else None
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        """Fill ``true_label`` (rows that already have one keep it unless the index knows better)."""
+        paths = table.column("path").to_pylist()
+        shas = table.column("sha256").to_pylist()
+        old = table.column("true_label").to_pylist() if "true_label" in table.column_names else [None] * len(paths)
+        new = [self.lookup(p, s) or o for p, s, o in zip(paths, shas, old)]
+        idx = table.schema.get_field_index("true_label")
+        col = pa.array(new, pa.string())
+        return table.set_column(idx, "true_label", col) if idx >= 0 else table.append_column("true_label", col)
+
+
+def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneumonia")) -> LabelIndex:
+    """Labels from a manifest (CSV/Parquet: path,label[,subtype,sha256]; paths relative to it).
+
+    For a subtype model (classes include bacteria/virus) the manifest's subtype
+    is the true label, so it is comparable with the predicted ``label``.
+    """
+    index = LabelIndex()
+    if not manifest:
+        return index
+    path = Path(os.path.expanduser(manifest))
+    if not path.is_file():
+        raise CxrError(f"labels manifest not found: {manifest}")
+    rows = read_manifest_rows(path)
+    if rows and not {"path", "label"} <= set(rows[0]):
+        raise CxrError(f"labels manifest {manifest} needs columns path,label (has {sorted(rows[0])})")
+    subtype_model = "bacteria" in classes or "virus" in classes
+    for i, row in enumerate(rows):
+        label = normalise_label(row["label"], f"{manifest}:{i + 2}")
+        if subtype_model and row.get("subtype"):
+            label = row["subtype"].strip().lower()
+        p = row["path"]
+        full = p if "://" in p else str((path.parent / p).resolve())
+        index.by_path[full] = label
+        if row.get("sha256"):
+            index.by_sha[row["sha256"].strip().lower()] = label
+    return index
+
+
+# --------------------------------------------------------------------------- summary and metrics
+
+
+def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled: int, positives: int,
+                     candidates: int, ignored: int, duration_s: float, model_id: str,
+                     model_version: str) -> dict[str, Any]:
+    """Figures of one run: scored now, skipped as already done, errors by code, throughput.
+
+    ``processed`` rows were written by this run (scored + errors); every other
+    input file was skipped because this model had already scored its content.
+    """
+    errors = sum(errors_by_code.values())
+    return {
+        "files": candidates,
+        "processed": processed,
+        "scored": processed - errors,
+        "skipped": max(0, candidates - processed),
+        "errors": errors,
+        "errors_by_code": dict(sorted(errors_by_code.items())),
+        "ignored_non_images": ignored,
+        "positives": positives,
+        "positive_rate": positives / labelled if labelled else 0.0,
+        "duration_s": round(duration_s, 3),
+        "images_per_s": round(processed / duration_s, 2) if duration_s > 0 else 0.0,
+        "model_id": model_id,
+        "model_version": model_version,
+    }
+
+
+def summarize(run_rows: pa.Table, candidates: int, ignored: int, duration_s: float, model_id: str,
+              model_version: str, classes: Sequence[str]) -> dict[str, Any]:
+    """:func:`summarize_counts` over a table of the rows a run wrote."""
+    errors: dict[str, int] = {}
+    for c in run_rows.column("error_code").to_pylist():
+        if c:
+            errors[c] = errors.get(c, 0) + 1
+    labels = [lab for lab in run_rows.column("label").to_pylist() if lab]
+    normal = "normal" if "normal" in classes else classes[0]
+    return summarize_counts(run_rows.num_rows, errors, len(labels), sum(lab != normal for lab in labels),
+                            candidates, ignored, duration_s, model_id, model_version)
+
+
+def format_summary(s: Mapping[str, Any]) -> str:
+    errs = ", ".join(f"{k}={v}" for k, v in s["errors_by_code"].items()) or "none"
+    lines = [
+        f"files: {s['files']}  scored: {s['scored']}  skipped (already done): {s['skipped']}  errors: {s['errors']} ({errs})",
+        f"positives: {s['positives']} ({s['positive_rate']:.1%} of scored)  "
+        f"time: {s['duration_s']:.1f} s  throughput: {s['images_per_s']:.1f} images/s",
+        f"model: {s['model_version'] or '-'} {s['model_id'][:12]}",
+    ]
+    if s.get("ignored_non_images"):
+        lines.append(f"ignored (not images by name or content): {s['ignored_non_images']}")
+    return "\n".join(lines)
+
+
+def metrics_registry(s: Mapping[str, Any], success: bool = True):
+    """The run's figures as Prometheus gauges in their own registry (textfile collector / Pushgateway)."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    reg = CollectorRegistry()
+    mid = {"model_id": s["model_id"], "model_version": s.get("model_version") or ""}
+    Gauge("cxr_screen_model_info", "Model that produced the results (value always 1)", list(mid), registry=reg).labels(**mid).set(1)
+    Gauge("cxr_screen_files", "Input files found in the archive", registry=reg).set(s["files"])
+    Gauge("cxr_screen_scored_files", "Files scored by this run", registry=reg).set(s["scored"])
+    Gauge("cxr_screen_skipped_files", "Files skipped as already scored by this model", registry=reg).set(s["skipped"])
+    err = Gauge("cxr_screen_error_files", "Files that could not be scored, by error code", ["code"], registry=reg)
+    from cxr.errors import ImageError
+
+    for code in ImageError.CODES:
+        err.labels(code=code).set(s["errors_by_code"].get(code, 0))
+    Gauge("cxr_screen_positive_rate", "Fraction of scored files predicted positive", registry=reg).set(s["positive_rate"])
+    Gauge("cxr_screen_duration_seconds", "Wall time of the run", registry=reg).set(s["duration_s"])
+    Gauge("cxr_screen_images_per_second", "Files processed per second of wall time", registry=reg).set(s["images_per_s"])
+    Gauge("cxr_screen_last_run_timestamp_seconds", "Unix time the run finished", registry=reg).set(time.time())
+    Gauge("cxr_screen_success", "1 if the run completed (and passed --fail-on-error)", registry=reg).set(1 if success else 0)
+    return reg
+
+
+def write_metrics_file(registry: Any, path: str) -> None:
+    """Prometheus text format, written atomically (node_exporter may read it at any time)."""
+    from prometheus_client import write_to_textfile
+
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(Path(path).expanduser()), registry)  # writes a temp file and renames it
+
+
+def push_metrics(registry: Any, url: str, job: str = "cxr_screen") -> None:
+    from prometheus_client import push_to_gateway
+
+    try:
+        push_to_gateway(url, job=job, registry=registry, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, OSError
+        raise CxrError(f"cannot push metrics to the Pushgateway at {url}: {exc}") from None

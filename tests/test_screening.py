@@ -1,0 +1,191 @@
+"""The pure parts of screening (cxr/screening.py): schema, rows, resume keys, parts, listing, labels, metrics.
+
+No Ray here; tests/test_screen.py runs the real job.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cxr import screening as S
+from cxr.errors import CxrError
+
+CLASSES = ["normal", "pneumonia"]
+
+
+def _base(paths: list[str], codes: list[str] | None = None) -> dict[str, list]:
+    n = len(paths)
+    codes = codes or [""] * n
+    return {"path": paths, "size_bytes": [10] * n, "sha256": [f"{i:064x}" for i in range(n)],
+            "width": [224] * n, "height": [224] * n, "error_code": codes,
+            "error": ["bad" if c else "" for c in codes]}
+
+
+def test_schema_is_versioned_and_names_every_column() -> None:
+    schema = S.result_schema(CLASSES)
+    assert schema.names == ["path", "size_bytes", "sha256", "width", "height", "prob_normal", "prob_pneumonia",
+                            "label", "threshold", "model_id", "model_version", "scored_at", "error_code", "error",
+                            "true_label"]
+    assert schema.metadata[b"cxr.schema_version"] == str(S.SCHEMA_VERSION).encode()
+    assert S.classes_of(schema) == CLASSES
+    sub = S.result_schema(["normal", "bacteria", "virus"])
+    assert {"prob_bacteria", "prob_virus"} <= set(sub.names)
+
+
+def test_build_rows_uses_the_shared_decision_and_blanks_error_rows() -> None:
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.0, 0.0], [0.6, 0.4]], np.float32)
+    t = S.build_rows(_base(["a", "b", "c", "d"], ["", "", "corrupt", ""]), probs, [True, True, False, True], CLASSES,
+                     threshold=0.35, model_id="m" * 64, model_version="v1", true_label=["normal", None, None, "pneumonia"])
+    assert t.schema == S.result_schema(CLASSES)
+    rows = t.to_pylist()
+    assert [r["label"] for r in rows] == ["normal", "pneumonia", None, "pneumonia"]  # 0.4 >= 0.35
+    assert rows[2]["prob_normal"] is None and rows[2]["error_code"] == "corrupt" and rows[2]["error"] == "bad"
+    assert rows[0]["error_code"] is None and rows[0]["error"] is None
+    assert rows[0]["prob_pneumonia"] == pytest.approx(0.1)
+    assert [r["true_label"] for r in rows] == ["normal", None, None, "pneumonia"]
+    assert rows[0]["model_id"] == "m" * 64 and rows[0]["threshold"] == 0.35
+
+
+def test_resume_keys_are_per_path_and_content() -> None:
+    t = S.build_rows(_base(["/a/x.jpeg", "/b/x.jpeg", "/c/y.jpeg"], ["", "", "read_failed"]), np.zeros((3, 2)),
+                     [True, True, False], CLASSES, 0.5, "model-1", "v")
+    keys = S.done_keys(t, "model-1")
+    sha = t.column("sha256").to_pylist()
+    assert S.is_done(keys, S.resume_key("/a/x.jpeg", sha[0]))
+    assert S.is_done(keys, S.resume_key("/b/x.jpeg", sha[1]))
+    assert not S.is_done(keys, S.resume_key("/a/x.jpeg", sha[1]))  # same path, new content: rescore
+    assert not S.is_done(keys, S.resume_key("/c/y.jpeg", sha[2]))  # I/O failures are retried
+    assert S.done_keys(t, "model-2").size == 0  # another model's rows do not count
+    assert not S.is_done(np.zeros(0, "S16"), S.resume_key("/a/x.jpeg", sha[0]))
+
+
+def test_dedupe_keeps_the_newest_row_per_path() -> None:
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    old = S.build_rows(_base(["p1", "p2"]), np.array([[0.9, 0.1], [0.9, 0.1]]), [True, True], CLASSES, 0.5, "m", "v",
+                       scored_at=t0)
+    new = S.build_rows(_base(["p1"]), np.array([[0.1, 0.9]]), [True], CLASSES, 0.5, "m", "v",
+                       scored_at=t0 + timedelta(days=1))
+    both = pa.concat_tables([new, old])  # order on disk must not matter
+    d = S.dedupe_latest(both)
+    got = {r["path"]: r["label"] for r in d.to_pylist()}
+    assert got == {"p1": "pneumonia", "p2": "normal"}
+
+
+def test_part_writer_writes_complete_parts_atomically(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    w = S.PartWriter(out, S.result_schema(CLASSES), part_rows=3, part_seconds=1e9)
+    for i in range(7):
+        w.add(S.build_rows(_base([f"p{i}"]), np.zeros((1, 2)), [True], CLASSES, 0.5, "m", "v"))
+    assert len(w.paths) == 2 and not list((tmp_path / "out/results/_tmp").iterdir())
+    w.flush()
+    assert len(S.list_parts(*S.open_fs(out))) == 3
+    (tmp_path / "out/results/_tmp/part-dead.parquet").write_bytes(b"half a part")
+    S.clean_tmp(out)
+    assert not list((tmp_path / "out/results/_tmp").iterdir())
+    table = S.read_parts(out)
+    assert table.num_rows == 7 and sorted(table.column("path").to_pylist()) == [f"p{i}" for i in range(7)]
+    assert pq.read_schema(w.paths[0]).metadata[b"cxr.schema"] == b"screening"
+
+
+def test_folder_owner_check(tmp_path: Path) -> None:
+    out = str(tmp_path)
+    S.write_state(out, "a" * 64, "v1", CLASSES)
+    state = S.read_state(out)
+    S.check_owner(state, "a" * 64, out, force=False)
+    with pytest.raises(CxrError, match="another model"):
+        S.check_owner(state, "b" * 64, out, force=False)
+    S.check_owner(state, "b" * 64, out, force=True)
+
+
+def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[Path]) -> None:
+    jpeg = sample_images[0].read_bytes()
+    (tmp_path / "a b/ü").mkdir(parents=True)
+    (tmp_path / "a b/ü/Röntgen 1.jpeg").write_bytes(jpeg)
+    (tmp_path / "a b/scan_without_extension").write_bytes(jpeg)  # recognised by content
+    (tmp_path / "fake.png").write_bytes(b"plain text")  # image name: an input (becomes a not_image row)
+    (tmp_path / "notes.txt").write_text("not an input")
+    (tmp_path / "z.dcm").write_bytes(b"")
+    files, _, ignored = S.list_archive(str(tmp_path))
+    names = [Path(f.path).name for f in files]
+    assert names == ["scan_without_extension", "Röntgen 1.jpeg", "fake.png", "z.dcm"]
+    assert ignored == 1
+    assert all(Path(f.path).is_absolute() for f in files)
+    assert [Path(f.path).name for f in S.list_archive(str(tmp_path), glob="*.jpeg")[0]] == ["Röntgen 1.jpeg"]
+    assert [Path(f.path).name for f in S.list_archive(str(tmp_path), glob="a b/**")[0]] == [
+        "scan_without_extension", "Röntgen 1.jpeg"]
+    assert len(S.list_archive(str(tmp_path), limit=2)[0]) == 2
+    assert len(S.list_archive(str(tmp_path), exclude=[str(tmp_path / "a b")])[0]) == 2
+    assert len(S.list_archive("file://" + str(tmp_path))[0]) == 4
+    with pytest.raises(CxrError, match="archive not found"):
+        S.list_archive(str(tmp_path / "missing"))
+
+
+def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:
+    man = tmp_path / "labels.csv"
+    man.write_text("path,label,subtype,sha256\nimgs/a.png,PNEUMONIA,virus,\nelsewhere/b.png,NORMAL,normal," + "f" * 64 + "\n")
+    idx = S.load_labels(str(man), CLASSES)
+    assert idx.lookup(str(tmp_path / "imgs/a.png"), None) == "pneumonia"
+    assert idx.lookup("/copy/of/b.png", "f" * 64) == "normal"  # joined by content
+    assert idx.lookup("/x/NORMAL/c.png", None) == "normal"  # Kaggle folder layout
+    assert idx.lookup("/x/other/c.png", None) is None
+    assert S.load_labels(str(man), ["normal", "bacteria", "virus"]).lookup(str(tmp_path / "imgs/a.png"), None) == "virus"
+    with pytest.raises(CxrError):
+        S.load_labels(str(tmp_path / "nope.csv"))
+
+
+def _summary() -> dict:
+    return S.summarize_counts(processed=10, errors_by_code={"corrupt": 2, "empty": 1}, labelled=7, positives=3,
+                              candidates=15, ignored=1, duration_s=4.0, model_id="ab" * 32, model_version="v1")
+
+
+def test_summary_and_prometheus_text_round_trip(tmp_path: Path) -> None:
+    s = _summary()
+    assert (s["scored"], s["skipped"], s["errors"], s["images_per_s"]) == (7, 5, 3, 2.5)
+    assert "errors: 3 (corrupt=2, empty=1)" in S.format_summary(s)
+    path = tmp_path / "m/screen.prom"
+    S.write_metrics_file(S.metrics_registry(s), str(path))
+    fams = {f.name: f for f in text_string_to_metric_families(path.read_text())}
+    value = {f: fams[f].samples[0].value for f in ("cxr_screen_scored_files", "cxr_screen_skipped_files",
+                                                    "cxr_screen_positive_rate", "cxr_screen_images_per_second")}
+    assert value == {"cxr_screen_scored_files": 7, "cxr_screen_skipped_files": 5,
+                     "cxr_screen_positive_rate": pytest.approx(3 / 7), "cxr_screen_images_per_second": 2.5}
+    errors = {smp.labels["code"]: smp.value for smp in fams["cxr_screen_error_files"].samples}
+    assert errors["corrupt"] == 2 and errors["empty"] == 1 and errors["too_large"] == 0
+    assert fams["cxr_screen_model_info"].samples[0].labels["model_id"] == "ab" * 32
+    assert not list(path.parent.glob("*.tmp*"))
+
+
+def test_push_to_a_real_http_gateway() -> None:
+    received: list[tuple[str, str, bytes]] = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:  # noqa: N802 - http.server naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.command, self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        S.push_metrics(S.metrics_registry(_summary()), f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert received and received[0][1] == "/metrics/job/cxr_screen"
+    assert b"cxr_screen_scored_files 7.0" in received[0][2]
+    with pytest.raises(CxrError, match="Pushgateway"):
+        S.push_metrics(S.metrics_registry(_summary()), "http://127.0.0.1:9")  # nothing listens there
