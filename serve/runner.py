@@ -55,7 +55,7 @@ class Started:
 
 
 def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval_ms: int | None = None,
-             quiet: bool = True) -> tuple[bool, int | None]:
+             quiet: bool = True, log_to_driver: bool = True) -> tuple[bool, int | None]:
     """Connect to RAY_ADDRESS, or start a local Ray whose Prometheus export port is ``cfg.metrics_port``.
 
     Returns (started_here, metrics_port). ``jobs.common.init_ray`` has no
@@ -79,7 +79,7 @@ def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_inter
         kwargs["_system_config"] = {"metrics_report_interval_ms": int(metrics_report_interval_ms)}
     for attempt in (1, 2):  # Ray waits only 30 s for its raylet: on a loaded machine, try once more
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                      logging_level=logging.WARNING if quiet else logging.INFO,
                      _metrics_export_port=cfg.metrics_port, **kwargs)
             break
@@ -106,8 +106,7 @@ def deploy(cfg: ServeConfig, timeout_s: float = 300.0) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(serve_config_document(cfg))
-    serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump(),
-                logging_config=schema.logging_config)
+    serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump())
     before = serve.status().applications.get(cfg.app_name)
     since = before.last_deployed_time_s if before is not None else 0.0
     _get_global_client().deploy_apps(schema, _blocking=False)
@@ -125,7 +124,7 @@ def deploy(cfg: ServeConfig, timeout_s: float = 300.0) -> None:
 
 
 def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval_ms: int | None = None,
-          quiet: bool = True) -> Started:
+          quiet: bool = True, log_to_driver: bool = True) -> Started:
     """Ray (local or cluster) + Serve + the app. On failure, stops what it started."""
     from cxr.export import read_metadata
 
@@ -133,7 +132,7 @@ def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval
         read_metadata(cfg.model)  # a clear CxrError now rather than a replica crash loop later
     if os.environ.get("RAY_ADDRESS") is None and not port_free(cfg.host, cfg.port):
         raise CxrError(f"port {cfg.port} on {cfg.host} is in use; pick another with --port")
-    started_ray, metrics_port = init_ray(cfg, num_cpus, metrics_report_interval_ms, quiet)
+    started_ray, metrics_port = init_ray(cfg, num_cpus, metrics_report_interval_ms, quiet, log_to_driver)
     handle = Started(cfg, started_ray, metrics_port)
     try:
         deploy(cfg)

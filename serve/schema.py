@@ -91,13 +91,13 @@ def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options(cfg),
-        "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True},
         "applications": [
             {
                 "name": cfg.app_name,
                 "import_path": IMPORT_PATH,
                 "route_prefix": cfg.route_prefix,
                 "args": app_args(cfg),
+                "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True},
                 "deployments": [deployment],
             }
         ],

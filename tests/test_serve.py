@@ -361,3 +361,28 @@ def test_metrics_endpoint_shows_cxr_counters_moving(server, client, sample_image
     assert _total(text, "ray_cxr_probability_count", class_name="pneumonia") > 0
     assert _total(text, "ray_cxr_model_info", model_id=read_metadata(tiny_model).model_id) >= 1
     assert re.search(r"^ray_serve_\w+", text, re.M), "Ray Serve's own series are missing"
+
+
+def test_failing_health_check_gets_the_replica_replaced(server, client, sample_images) -> None:
+    """Real engine failures (a wrongly shaped batch straight to the model, via Serve's public handle API)
+    fail check_health after 3 in a row; Serve replaces the replica and predictions work again.
+    Runs last: it swaps the replica (metrics and replica ids change)."""
+    from ray import serve
+
+    before = client.get("/v1/model", headers=AUTH).json()["serving"]["replica"]
+    handle = serve.get_app_handle(server.cfg.app_name)
+    for _ in range(3):
+        with pytest.raises(Exception):
+            handle._infer.remote(np.zeros((3, 5, 5), np.float32)).result(timeout_s=30)
+    ready = client.get("/readyz")
+    assert ready.status_code in (503, 200)  # 200 only if the replica was already replaced
+    deadline = time.monotonic() + 120
+    after = before
+    while time.monotonic() < deadline and after == before:
+        time.sleep(1.0)
+        r = client.get("/v1/model", headers=AUTH)
+        if r.status_code == 200:
+            after = r.json()["serving"]["replica"]
+    assert after != before, "the unhealthy replica was not replaced"
+    assert client.get("/readyz").status_code == 200
+    assert _predict(client, sample_images[0].read_bytes()).status_code == 200
