@@ -98,7 +98,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          persistent_workers=config.get("loader_workers", 0) > 0)
     steps_per_epoch = max(1, len(loader))
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # Ray's own restore (worker retries within this run)
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])  # --resume of a killed run
     model = build_model(len(classes), "none" if checkpoint else cfg.pretrained)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -231,6 +233,35 @@ def _has_run(storage: str) -> bool:
     return (Path(storage) / RUN_NAME).exists()
 
 
+def latest_checkpoint(storage: str) -> str | None:
+    """The newest complete checkpoint of the run in ``storage`` (a killed run may leave a partial one).
+
+    Checkpoint folder names are timestamps, so name order is time order; a
+    checkpoint counts once its state file is a complete zip archive.
+    """
+    import zipfile
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{RUN_NAME}", allow_not_found=True))
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                  reverse=True)
+    for d in dirs:
+        state = fs.get_file_info(f"{d}/{STATE_FILE}")
+        if state.type != pafs.FileType.File or not state.size:
+            continue
+        if isinstance(fs, pafs.LocalFileSystem):
+            try:
+                with zipfile.ZipFile(f"{d}/{STATE_FILE}") as z:
+                    if z.testzip() is not None:
+                        continue
+            except (zipfile.BadZipFile, OSError):
+                continue
+        return d if "://" not in storage else f"{storage.split('://')[0]}://{d}"
+    return None
+
+
 def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, Any]:
     """Train, pick the best checkpoint, choose the operating threshold, export. Returns the summary."""
     output = Path(cfg.output).expanduser().resolve()
@@ -238,10 +269,15 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, An
     for s in samples:
         s.target(cfg.task)  # unknown labels fail here, before any worker starts
     train, val = split_by_patient(samples, cfg.val_fraction, cfg.seed, cfg.task)
+    if cfg.pretrained != "none" and not cfg.resume:
+        build_model(len(cfg.classes), cfg.pretrained)  # bad weights fail here, in one line, before Ray starts
     storage = _storage(cfg, output)
     if _has_run(storage) and not cfg.resume:
         raise CxrError(f"{storage}/{RUN_NAME} already holds a run: pass --resume to continue it, "
                        "or choose another --output/--storage")
+    resume_from = latest_checkpoint(storage) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        print(f"--resume: no checkpoint in {storage}/{RUN_NAME} yet; starting from scratch", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     save_json(cfg, output / "config.json")
     _write_split(output / "split.json", cfg, train, val)
@@ -255,6 +291,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, An
             train_loop_per_worker,
             train_loop_config={
                 "train": to_dict(cfg), "output": str(output), "tty": sys.stdout.isatty(), "max_steps": max_steps,
+                "resume_from": resume_from,
                 "train_paths": [s.path for s in train], "train_targets": [s.target(cfg.task) for s in train],
                 "val_paths": [s.path for s in val], "val_targets": [s.target(cfg.task) for s in val],
             },

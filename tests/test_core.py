@@ -1,0 +1,280 @@
+"""The core library without Ray: preprocessing, data split, model loading, export, metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr.config import CLASSES, PreprocessConfig, TrainConfig, from_dict, resolve_train_config, to_dict
+from cxr.data import discover, patient_id_from_name, split_by_patient
+from cxr.errors import CxrError, ImageError
+from cxr.export import load_export, read_metadata, save_export, ModelMetadata
+from cxr.metrics import binary_metrics, decide, threshold_for_sensitivity
+from cxr.model import build_model
+from cxr.preprocess import decode_image, detect_format, preprocess
+from cxr.training import LoadedImages, XrayDataset, load_images
+
+CFG = PreprocessConfig(image_size=64)
+
+
+def _jpeg_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------- one preprocessing path
+
+
+def test_training_eval_path_equals_inference_path(sample_images: list[Path]) -> None:
+    """The tensors the training job validates on are the tensors screening/serving score."""
+    paths = [str(p) for p in sample_images]
+    images = load_images(paths, [0] * len(paths), CFG.max_pixels)
+    dataset = XrayDataset(images, CFG)  # training's eval path (no augment)
+    for i, p in enumerate(paths):
+        train_tensor, _ = dataset[i]
+        serve_tensor = preprocess(Path(p).read_bytes(), CFG)  # screen/serve path
+        assert train_tensor.shape == (1, 64, 64)
+        assert torch.equal(train_tensor, serve_tensor)
+
+
+def test_16bit_png_matches_8bit_source(sample_images: list[Path]) -> None:
+    """16-bit data is scaled by its depth, not clipped: an 8->16-bit copy decodes to the same values."""
+    src = Image.open(sample_images[0]).convert("L")
+    a8 = np.asarray(src, dtype=np.uint16)
+    png16 = _png(Image.fromarray((a8 * 257).astype(np.uint16)))
+    assert Image.open(io.BytesIO(png16)).mode.startswith("I")
+    np.testing.assert_allclose(decode_image(png16), a8 / 255.0, atol=1e-6)
+    np.testing.assert_allclose(preprocess(png16, CFG), preprocess(_png(src), CFG), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "CMYK", "LA", "P"])
+def test_colour_modes_reduce_to_the_same_gray(sample_images: list[Path], mode: str) -> None:
+    gray = Image.open(sample_images[1]).convert("L")
+    converted = gray.convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    buf = io.BytesIO()
+    converted.save(buf, format=fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    got = decode_image(buf.getvalue())
+    tol = 0.04 if fmt == "JPEG" else 1.5 / 255  # CMYK JPEG is lossy; P is an 8-bit palette
+    assert got.shape == gray.size[::-1]
+    assert np.abs(got - np.asarray(gray) / 255.0).mean() < tol
+
+
+def test_exif_orientation_is_applied(sample_images: list[Path]) -> None:
+    img = Image.open(sample_images[2]).convert("L").crop((0, 0, 224, 160))  # not square: rotation visible
+    rotated = img.transpose(Image.Transpose.ROTATE_90)  # stored rotated, EXIF says rotate back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", quality=100, exif=exif.tobytes())
+    got = decode_image(buf.getvalue())
+    assert got.shape == (160, 224)
+    assert np.abs(got - np.asarray(img) / 255.0).mean() < 0.02
+
+
+def test_dicom_matches_source(tmp_path: Path, sample_images: list[Path]) -> None:
+    """MONOCHROME2 16-bit and MONOCHROME1 (inverted) DICOM decode to the source pixels."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    a8 = np.asarray(Image.open(sample_images[3]).convert("L"), dtype=np.uint16)
+
+    def dicom(pixels: np.ndarray, photometric: str) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+        path = tmp_path / f"{photometric}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path.read_bytes()
+
+    mono2 = dicom(a8 * 257, "MONOCHROME2")
+    mono1 = dicom(65535 - a8 * 257, "MONOCHROME1")
+    assert detect_format(mono2) == "dicom"
+    np.testing.assert_allclose(decode_image(mono2), a8 / 255.0, atol=1e-6)
+    np.testing.assert_allclose(decode_image(mono1), a8 / 255.0, atol=1e-6)
+    assert pydicom  # imported for the writer
+
+
+@pytest.mark.parametrize(
+    "name,make,code",
+    [
+        ("empty", lambda j: b"", "empty"),
+        ("text", lambda j: b"hello, this is not an image at all" * 10, "not_image"),
+        ("truncated", lambda j: j[: len(j) // 2], "truncated"),
+        ("corrupt", lambda j: j[:4] + bytes(200) + j[204:], "corrupt"),
+        ("garbage_dicom", lambda j: bytes(128) + b"DICM" + b"\x00garbage" * 20, "dicom_invalid"),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(sample_images: list[Path], name: str, make, code: str) -> None:
+    data = make(sample_images[0].read_bytes())
+    with pytest.raises(ImageError) as err:
+        preprocess(data, CFG)
+    assert err.value.code == code, (name, str(err.value))
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    bomb = _png(Image.new("L", (12_000, 12_000)), optimize=True)  # ~100 kB file, 144 Mpx
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageError) as err:
+        decode_image(bomb, max_pixels=64_000_000)
+    assert err.value.code == "too_large"
+
+
+def test_corrupt_training_images_are_skipped_and_counted(tmp_path: Path, sample_images: list[Path]) -> None:
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"not a jpeg")
+    loaded: LoadedImages = load_images([str(sample_images[0]), str(bad)], [0, 1], CFG.max_pixels)
+    assert len(loaded.data) == 1 and loaded.skipped == {"not_image": [str(bad)]}
+
+
+# ----------------------------------------------------------------- data and split
+
+
+def test_discover_and_patient_split(data_dir: Path) -> None:
+    samples = discover(data_dir)
+    assert len(samples) == 5216
+    train, val = split_by_patient(samples, 0.15, seed=7)
+    assert not {s.patient_id for s in train} & {s.patient_id for s in val}
+    assert 0.10 < len(val) / len(samples) < 0.20
+    assert {s.label for s in val} == {"normal", "pneumonia"}
+    # seeded: same split again, different seed gives another
+    assert [s.path for s in split_by_patient(samples, 0.15, seed=7)[1]] == [s.path for s in val]
+    assert [s.path for s in split_by_patient(samples, 0.15, seed=8)[1]] != [s.path for s in val]
+
+
+def test_kaggle_layout_and_subtypes(tmp_path: Path, sample_images: list[Path]) -> None:
+    for p in sample_images:
+        dest = tmp_path / "train" / p.parent.name / p.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(p.read_bytes())
+    samples = discover(tmp_path)
+    assert len(samples) == len(sample_images)
+    assert {s.subtype for s in samples} <= {"normal", "bacteria", "virus"}
+    assert patient_id_from_name("person1_bacteria_1.jpeg") == "person1"
+    assert patient_id_from_name("NORMAL2-IM-1427-0001.jpeg") == "NORMAL2-IM-1427"
+
+
+def test_unknown_labels_and_missing_data_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(CxrError, match="data not found"):
+        discover(tmp_path / "nope")
+    (tmp_path / "train" / "COVID").mkdir(parents=True)
+    with pytest.raises(CxrError, match="unknown label 'COVID'"):
+        discover(tmp_path)
+    (tmp_path / "train" / "COVID").rmdir()
+    with pytest.raises(CxrError, match="no images"):
+        discover(tmp_path)
+
+
+# ----------------------------------------------------------------- model, weights, export
+
+
+def test_pretrained_path_loads_a_torchvision_state_dict(tmp_path: Path) -> None:
+    """The real loading path: an RGB ImageNet-style state_dict is folded to one channel, head replaced."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(1)
+    reference = resnet50(weights=None)  # 3-channel conv1, 1000-class fc: the shape of ImageNet weights
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(2, str(path))
+    assert torch.allclose(model.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(model.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    assert model.fc.out_features == 2
+    # gray replicated to RGB through the reference == gray through the folded stem
+    x = torch.rand(1, 1, 64, 64)
+    ref_stem = reference.conv1(x.expand(-1, 3, -1, -1))
+    assert torch.allclose(model.conv1(x), ref_stem, atol=1e-5)
+
+
+def test_unreadable_weights_and_offline_imagenet_fail_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(CxrError, match="cannot read weights"):
+        build_model(2, str(bad))
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(CxrError, match="not a ResNet-50"):
+        build_model(2, str(tmp_path / "other.pth"))
+    with pytest.raises(CxrError, match="neither"):
+        build_model(2, str(tmp_path / "missing.pth"))
+
+
+def test_offline_imagenet_is_one_line_from_the_cli(tmp_path: Path, data_dir: Path) -> None:
+    env = {"HOME": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin",
+           "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-c", "from cxr.cli import main; main()", "train", "--data", str(data_dir), "--output",
+                           str(tmp_path / "run"), "--preset", "tiny", "--pretrained", "imagenet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "ImageNet weights" in lines[0] and "--pretrained" in lines[0]
+
+
+def test_export_round_trip_and_tamper_detection(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(3).eval()
+    meta = save_export(tmp_path / "m", model, ModelMetadata(classes=list(CLASSES["subtype"]), task="subtype",
+                                                            preprocess=CFG, threshold=0.3), onnx=False)
+    assert len(meta.model_id) == 64
+    loaded, meta2 = load_export(tmp_path / "m")
+    assert meta2.classes == ["normal", "bacteria", "virus"] and meta2.preprocess == CFG and meta2.threshold == 0.3
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    on_disk = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    assert {"classes", "preprocess", "threshold", "model_id", "data_fingerprint", "val_metrics", "versions"} <= set(on_disk)
+    (tmp_path / "m" / "weights.pt").write_bytes((tmp_path / "m" / "weights.pt").read_bytes() + b"x")
+    with pytest.raises(CxrError, match="sha256"):
+        load_export(tmp_path / "m")
+    with pytest.raises(CxrError, match="not a cxr model export"):
+        read_metadata(tmp_path)
+
+
+# ----------------------------------------------------------------- config and metrics
+
+
+def test_config_round_trip_and_presets() -> None:
+    cfg = resolve_train_config("cpu", {"epochs": 3, "image_size": 96, "lr": None})
+    assert cfg.epochs == 3 and cfg.preprocess.image_size == 96 and cfg.lr == 2e-3
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+    with pytest.raises(CxrError, match="unknown preset"):
+        resolve_train_config("huge", {})
+
+
+def test_threshold_for_sensitivity_and_decision() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 1000)
+    score = np.clip(y * 0.3 + rng.normal(0.4, 0.2, 1000), 0, 1)
+    for target in (0.9, 0.95, 0.98):
+        thr = threshold_for_sensitivity(y, score, target)
+        m = binary_metrics(y, score, thr)
+        assert m["sensitivity"] >= target
+        # the next-higher threshold would fall below the target: it is the highest such threshold
+        higher = np.sort(score[y == 1])
+        nxt = higher[higher > thr]
+        if nxt.size:
+            assert binary_metrics(y, score, nxt[0])["sensitivity"] < target
+    probs = np.array([[0.9, 0.06, 0.04], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    assert decide(probs, CLASSES["subtype"], threshold=0.35) == ["normal", "virus", "bacteria"]
