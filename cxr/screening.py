@@ -306,6 +306,7 @@ def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: b
 
 def write_state(location: str, model_id: str, model_version: str, classes: Sequence[str]) -> None:
     fs, out_dir = open_fs(location)
+    fs.create_dir(out_dir, recursive=True)
     state = {"schema_version": SCHEMA_VERSION, "model_id": model_id, "model_version": model_version,
              "classes": list(classes), "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_bytes_atomic(fs, f"{out_dir}/{STATE_FILE}", (json.dumps(state, indent=2) + "\n").encode())

@@ -1,4 +1,194 @@
-"""`cxr screen` and `cxr report` (placeholder until the screening job lands)."""
+"""`cxr screen` (score an archive into Parquet with Ray Data) and `cxr report` (evaluate results)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from cxr.config import ScreenConfig, save_json
+from cxr.errors import CxrError
+
+_D = ScreenConfig()
+
+
+class _ProgressLine:
+    """Rows/s on stderr: rewritten in place on a terminal, a line every 10 s in logs."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.every = 0.5 if self.tty else 10.0
+        self.last = 0.0
+
+    def __call__(self, p) -> None:  # p: jobs.screen.Progress
+        now = time.monotonic()
+        if now - self.last < self.every and p.done < p.total:
+            return
+        self.last = now
+        line = (f"screen: {p.done}/{p.total} new rows ({p.done / max(1, p.total):.0%} of files)  "
+                f"{p.rate:.1f} rows/s  errors {p.errors}  {p.elapsed_s:.0f}s")
+        click.echo(("\r" + line + "\033[K") if self.tty else line, err=True, nl=not self.tty)
+
+    def close(self) -> None:
+        if self.tty and self.last:
+            click.echo("", err=True)
+
+
+@click.command("screen")
+@click.argument("archive")
+@click.option("--model", "-m", required=True, help="Model export directory (written by `cxr train`).")
+@click.option("--output", "-o", default=_D.output, show_default=True,
+              help="Results folder (local path or pyarrow URI). Rerunning on it scores only new/changed files.")
+@click.option("--labels", default=None, metavar="MANIFEST",
+              help="CSV/Parquet with path,label[,subtype,sha256] (paths relative to it). "
+                   "Default: labels from NORMAL/PNEUMONIA folder names when present.")
+@click.option("--glob", default=None, metavar="PATTERN",
+              help="Only files matching PATTERN: on the file name if it has no '/', else on the path under ARCHIVE.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N input files (sorted by path).")
+@click.option("--force", is_flag=True, help="Rescore everything, even with another model's results in --output.")
+@click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file could not be scored (default: error rows, exit 0).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True,
+              help="Images per inference call.")
+@click.option("--workers", type=click.IntRange(min=0), default=_D.workers, show_default=True,
+              help="Inference actors; 0 = one per CPU (or per --gpus-per-worker share of the GPUs).")
+@click.option("--threads-per-worker", type=click.IntRange(min=0), default=_D.threads_per_worker, show_default=True,
+              help="Engine intra-op threads per actor; 0 = 1 (auto actors) or CPUs/actors (with --workers).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=_D.gpus_per_worker, show_default=True,
+              help="GPUs per inference actor (fractions share a GPU); 0 = CPU actors.")
+@click.option("--engine", type=click.Choice(["auto", "onnx", "torch"]), default=_D.engine, show_default=True,
+              help="auto = PyTorch (bf16, channels_last) on GPU, ONNX Runtime on CPU.")
+@click.option("--report/--no-report", default=_D.report, show_default=True,
+              help="Write OUTPUT/report (metrics.json, plots, report.html) when true labels are known.")
+@click.option("--metrics-file", default=None, metavar="PATH",
+              help="Write the run's Prometheus metrics here (text format, e.g. for node_exporter's textfile collector).")
+@click.option("--pushgateway", default=None, metavar="URL", help="Also push the metrics to this Prometheus Pushgateway.")
+@click.option("--part-rows", type=click.IntRange(min=1), default=_D.part_rows, show_default=True,
+              help="Rows per Parquet part (a killed run rescores at most the rows not yet in a part).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+def screen_cmd(archive: str, quiet: bool, **kw) -> None:
+    """Score every X-ray under ARCHIVE into Parquet, on Ray Data.
+
+    ARCHIVE is a folder (searched recursively), a single file, or a pyarrow
+    filesystem URI (s3://bucket/prefix, gs://..., file:///...). Files are
+    recognised by content: JPEG, PNG (8/16-bit), DICOM, TIFF, BMP, WebP; files
+    with an image extension that are not images become error rows.
+
+    \b
+    Every input file gets exactly one row (schema: cxr/screening.py), error
+    rows included: error_code is one of empty, not_image, corrupt, truncated,
+    too_large, unsupported, dicom_invalid, read_failed. Results land in
+    OUTPUT/results/part-*.parquet as they finish; a rerun (or a run after the
+    job was killed) scores only files this model has not scored yet.
+
+    \b
+    Examples:
+      cxr screen /data/archive --model runs/r1/model --output screens/nightly
+      cxr screen s3://bucket/xrays --model runs/r1/model -o s3://bucket/screens --glob '*.dcm'
+      cxr screen ../shared/data/chest_xray/train -m runs/r1/model --limit 200 --metrics-file screen.prom
+
+    Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts.
+    Exit status: 0 done (error rows allowed), 1 --fail-on-error and errors, 2 unusable input.
+    """
+    from cxr import screening as S
+    from jobs.screen import run_screen
+
+    cfg = ScreenConfig(archive=archive, progress=not quiet, **kw)
+    progress = _ProgressLine() if cfg.progress else None
+    summary: dict | None = None
+    try:
+        summary = run_screen(cfg, on_progress=progress)
+    except CxrError:
+        if cfg.metrics_file or cfg.pushgateway:
+            _emit_failure_metrics(cfg)
+        raise
+    finally:
+        if progress:
+            progress.close()
+    failed = cfg.fail_on_error and summary["errors"] > 0
+    if cfg.metrics_file or cfg.pushgateway:
+        reg = S.metrics_registry(summary, success=not failed)
+        if cfg.metrics_file:
+            S.write_metrics_file(reg, cfg.metrics_file)
+        if cfg.pushgateway:
+            S.push_metrics(reg, cfg.pushgateway)
+    _save_config(cfg)
+    click.echo(S.format_summary(summary))
+    click.echo(f"results: {cfg.output}/{S.RESULTS_DIR}" + (f"  report: {summary['report']}" if summary.get("report") else ""))
+    if failed:
+        click.secho(f"error: {summary['errors']} file(s) could not be scored (--fail-on-error)", fg="red", err=True)
+        sys.exit(1)
+
+
+def _save_config(cfg: ScreenConfig) -> None:
+    if "://" not in cfg.output:
+        save_json(cfg, Path(cfg.output) / "screen_config.json")
+
+
+def _emit_failure_metrics(cfg: ScreenConfig) -> None:
+    """A failed run still tells Prometheus it failed (cxr_screen_success 0)."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from cxr import screening as S
+
+    reg = CollectorRegistry()
+    Gauge("cxr_screen_success", "1 if the run completed (and passed --fail-on-error)", registry=reg).set(0)
+    Gauge("cxr_screen_last_run_timestamp_seconds", "Unix time the run finished", registry=reg).set(time.time())
+    try:
+        if cfg.metrics_file:
+            S.write_metrics_file(reg, cfg.metrics_file)
+        if cfg.pushgateway:
+            S.push_metrics(reg, cfg.pushgateway)
+    except Exception:  # noqa: BLE001 - the original error is the one to show
+        pass
+
+
+@click.command("report")
+@click.argument("screen_dir")
+@click.option("--output", "-o", required=True, help="Folder for metrics.json, the PNG plots and report.html.")
+@click.option("--labels", default=None, metavar="MANIFEST",
+              help="CSV/Parquet with path,label[,subtype,sha256]: overrides/fills true_label (by path, then sha256).")
+def report_cmd(screen_dir: str, output: str, labels: str | None) -> None:
+    """Evaluation report from the results of `cxr screen` (no Ray needed).
+
+    Reads SCREEN_DIR/results/part-*.parquet, keeps the newest row per path,
+    joins --labels if given, and writes per-class precision/recall/F1, ROC AUC
+    with a bootstrap CI, operating points, calibration, curves and the error
+    rows by code into OUTPUT.
+    """
+    from cxr import screening as S
+
+    try:
+        from cxr.report import write_report
+    except ImportError as exc:
+        raise CxrError(f"the report module is not available: {exc}") from None
+    table = S.read_results(screen_dir)
+    if table.num_rows == 0:
+        raise CxrError(f"{screen_dir} has no results yet")
+    classes = S.classes_of(table.schema) or None
+    if labels:
+        table = S.load_labels(labels, classes or ("normal", "pneumonia")).apply(table)
+    metrics = write_report(table, output, classes)
+    known = table.num_rows - table.column("true_label").null_count
+    click.echo(f"report: {output}  ({table.num_rows} rows, {known} with a true label)")
+    click.echo(_brief(metrics))
+
+
+def _brief(metrics: dict) -> str:
+    """One line of headline numbers from write_report's metrics (tolerant of missing sections)."""
+    if not metrics.get("metrics_available"):
+        return f"metrics unavailable: {metrics.get('reason', 'no labelled rows')}"
+    auc = (metrics.get("auc") or {})
+    op = metrics.get("at_model_threshold") or {}
+    parts = [f"AUC {auc.get('value')}" + (f" (95% CI {auc['ci95'][0]}-{auc['ci95'][1]})" if auc.get("ci95") else "")]
+    for key in ("sensitivity", "specificity", "accuracy"):
+        if op.get(key) is not None:
+            parts.append(f"{key} {op[key]:.3f}")
+    errors = (metrics.get("errors") or {}).get("total")
+    if errors:
+        parts.append(f"error rows {errors}")
+    return "  ".join(parts)
+
+
+COMMANDS: list[click.Command] = [screen_cmd, report_cmd]

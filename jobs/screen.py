@@ -1,0 +1,424 @@
+"""The screening job: an archive of X-rays -> Parquet, on Ray Data.
+
+Pipeline (streaming; Ray Data's backpressure keeps memory bounded)::
+
+    listing (driver)                  pyarrow.fs: local folder or URI, sorted, --glob/--limit
+      -> from_items                   path + size only (a few hundred bytes per file)
+      -> map_batches(prepare)         CPU tasks: read bytes, sha256, drop rows already done,
+                                      decode + preprocess with cxr.preprocess.preprocess
+      -> map_batches(Scorer)          actor pool: cxr.engine.load_engine once per actor,
+                                      batched predict_proba, cxr.metrics.decide
+      -> iter_batches (driver)        labels joined, PartWriter: atomic Parquet parts
+
+Reads, decode and hashing are fused into one task per block so raw bytes never
+enter the object store; only the preprocessed tensors travel to the actors.
+Writing happens in the driver because result rows are tiny and it gives us
+exact progress, atomic parts and a run summary without another pass.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from cxr import screening as S
+from cxr.config import PreprocessConfig, ScreenConfig
+from cxr.errors import CxrError
+
+if TYPE_CHECKING:  # cxr.export imports torchvision: keep it out of the decode workers
+    from cxr.export import ModelMetadata
+
+ProgressFn = Callable[["Progress"], None]
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    errors: int
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class RunStats:
+    """Counts over the rows this run wrote (kept incrementally: memory stays flat)."""
+
+    rows: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    labelled: int = 0
+    positives: int = 0
+
+    def add(self, table: pa.Table, normal: str) -> None:
+        self.rows += table.num_rows
+        for code in table.column("error_code").to_pylist():
+            if code:
+                self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+        for lab in table.column("label").to_pylist():
+            if lab:
+                self.labelled += 1
+                self.positives += lab != normal
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_code.values())
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _read(fs: pafs.FileSystem | None, fs_path: str) -> bytes:
+    if fs is None:  # local: plain open() is the fastest path and handles any file name
+        with open(fs_path, "rb") as f:
+            return f.read()
+    with fs.open_input_file(fs_path) as f:
+        return f.read()
+
+
+def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: dict[str, Any],
+            done: Any) -> dict[str, np.ndarray]:
+    """Read, hash and preprocess one block of files (a Ray Data CPU task).
+
+    Rows whose (path, sha256) this model already scored are dropped here, before
+    the expensive decode. Unusable inputs become error rows (typed code) with a
+    zero tensor, so the actor stage sees a fixed-shape column and the job never
+    fails because of one file.
+    """
+    import ray
+    import torch
+
+    from cxr.errors import ImageError
+    from cxr.preprocess import image_size_of, preprocess
+
+    torch.set_num_threads(1)
+    cfg = PreprocessConfig(**pre)
+    keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    size = cfg.image_size
+    out: dict[str, list[Any]] = {k: [] for k in ("path", "size_bytes", "sha256", "width", "height", "error_code", "error")}
+    images: list[np.ndarray] = []
+    for path, fs_path, nbytes in zip(batch["path"], batch["fs_path"], batch["size"]):
+        path, fs_path = str(path), str(fs_path)
+        code, msg, sha, width, height = "", "", "", -1, -1
+        tensor = None
+        try:
+            data = _read(fs, fs_path)
+        except OSError as exc:
+            code, msg, data = "read_failed", f"cannot read file: {exc}", None
+        if data is not None:
+            sha = hashlib.sha256(data).hexdigest()
+            nbytes = len(data)
+            if keys is not None and S.is_done(keys, S.resume_key(path, sha)):
+                continue
+            try:
+                tensor = preprocess(data, cfg).numpy()
+            except ImageError as exc:
+                code, msg = exc.code, str(exc)
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the job
+                code, msg = "corrupt", f"decoding failed: {type(exc).__name__}: {exc}"
+            wh = image_size_of(data) if data else None
+            if wh:
+                width, height = wh
+        for k, v in (("path", path), ("size_bytes", int(nbytes)), ("sha256", sha), ("width", width),
+                     ("height", height), ("error_code", code), ("error", msg)):
+            out[k].append(v)
+        images.append(tensor if tensor is not None else np.zeros((1, size, size), np.float32))
+    result: dict[str, np.ndarray] = {
+        "path": np.array(out["path"], dtype=object),
+        "size_bytes": np.array(out["size_bytes"], dtype=np.int64),
+        "sha256": np.array(out["sha256"], dtype=object),
+        "width": np.array(out["width"], dtype=np.int64),
+        "height": np.array(out["height"], dtype=np.int64),
+        "error_code": np.array(out["error_code"], dtype=object),
+        "error": np.array(out["error"], dtype=object),
+        "image": np.stack(images) if images else np.zeros((0, 1, size, size), np.float32),
+    }
+    return result
+
+
+class Scorer:
+    """One inference actor: the engine is loaded once, then scores batches of tensors."""
+
+    def __init__(self, model_dir: str, backend: str, threads: int) -> None:
+        from cxr.engine import load_engine
+
+        self.engine = load_engine(model_dir, backend, threads=threads)
+        meta = self.engine.meta
+        self.classes = list(meta.classes)
+        self.threshold = float(meta.threshold)
+        self.model_id = meta.model_id
+        self.model_version = meta.model_version
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = np.array([not c for c in batch["error_code"]], dtype=bool)
+        n = ok.size
+        probs = np.zeros((n, len(self.classes)), np.float32)
+        if ok.any():
+            probs[ok] = self.engine.predict_proba(batch["image"][ok])
+        base = {k: batch[k] for k in ("path", "size_bytes", "sha256", "width", "height", "error_code", "error")}
+        return S.build_rows(base, probs, ok, self.classes, self.threshold, self.model_id, self.model_version,
+                            scored_at=datetime.now(timezone.utc))
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def check_model(model_dir: str, engine: str) -> "ModelMetadata":
+    """Fail fast, in the driver, with one clear line when the export is unusable."""
+    from cxr.export import ONNX, WEIGHTS, read_metadata
+
+    if not model_dir:
+        raise CxrError("--model is required (an export directory written by `cxr train`)")
+    if not Path(model_dir).is_dir():
+        raise CxrError(f"model not found: {model_dir}")
+    meta = read_metadata(model_dir)
+    if not meta.model_id or not meta.classes or "normal" not in meta.classes:
+        raise CxrError(f"{model_dir}: metadata lacks model_id or a 'normal' class; not a usable export")
+    onnx, weights = Path(model_dir) / ONNX, Path(model_dir) / WEIGHTS
+    needs = [onnx] if engine == "onnx" else [weights] if engine == "torch" else [onnx, weights]
+    if not any(p.is_file() and p.stat().st_size > 0 for p in needs):
+        raise CxrError(f"{model_dir}: no usable {' or '.join(p.name for p in needs)}")
+    if engine == "onnx" or (engine == "auto" and onnx.is_file()):
+        _check_onnx(onnx)
+    return meta
+
+
+def _check_onnx(path: Path) -> None:
+    """Parse the ONNX graph's structure (not its weights) so a corrupt file fails here, not in every actor."""
+    if not path.is_file():
+        return  # OnnxEngine rebuilds it from the weights
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"unreadable model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+@dataclass
+class Topology:
+    actors: int
+    threads: int
+    actor_cpus: float
+    actor_gpus: float
+    task_cpus: float
+
+
+def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float) -> Topology:
+    """How many inference actors, engine threads each, and the logical CPUs Ray reserves.
+
+    CPU: actors x threads ~= the CPUs, keeping ~10 % (at least half a CPU) for the
+    decode tasks, which cost ~1/20 of a ResNet-50 forward pass. One thread per
+    actor scales best with ONNX Runtime on small machines (no intra-op barriers;
+    BENCHMARKS.md), so the default is one actor per CPU.
+    GPU: one actor per ``--gpus-per-worker`` share of the GPUs.
+    """
+    cpus = max(1.0, cluster_cpus)
+    if cfg.gpus_per_worker > 0:
+        if cluster_gpus < cfg.gpus_per_worker:
+            raise CxrError(f"--gpus-per-worker {cfg.gpus_per_worker} but the Ray cluster has {cluster_gpus:g} GPUs")
+        actors = cfg.workers or max(1, int(cluster_gpus // cfg.gpus_per_worker))
+        threads = cfg.threads_per_worker or 1
+        return Topology(actors, threads, 1.0 if cpus >= actors + 1 else 0.5, cfg.gpus_per_worker, 0.5)
+    reserve = max(0.5, 0.1 * cpus)
+    if cfg.workers:
+        actors = cfg.workers
+        threads = cfg.threads_per_worker or max(1, int(cpus // actors))
+    else:
+        threads = cfg.threads_per_worker or 1
+        actors = max(1, int(cpus // threads))
+    actor_cpus = max(0.1, min(float(threads), (cpus - reserve) / actors))
+    return Topology(actors, threads, round(actor_cpus, 3), 0.0, 0.5)
+
+
+@contextmanager
+def _lock(location: str) -> Iterator[None]:
+    """One writer per local output folder (the lock dies with the process, SIGKILL included)."""
+    if "://" in location and not location.startswith("file://"):
+        yield  # object stores have no locks: one run per output folder is the caller's job
+        return
+    fs, out_dir = S.open_fs(location)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(Path(out_dir) / S.LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CxrError(f"another `cxr screen` is writing to {location}; wait for it or use another --output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _owner_from_parts(location: str) -> str | None:
+    fs, out_dir = S.open_fs(location)
+    parts = S.list_parts(fs, out_dir)
+    if not parts:
+        return None
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(parts[-1], filesystem=fs, columns=["model_id"]).column("model_id")
+    return col[0].as_py() if len(col) else None
+
+
+def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (see cxr.screening.summarize)."""
+    t0 = time.perf_counter()
+    meta = check_model(cfg.model, cfg.engine)
+    classes = list(meta.classes)
+    labels = S.load_labels(cfg.labels, classes)
+    out_fs, out_dir = S.open_fs(cfg.output)
+    arch_fs, arch_root = S.open_fs(cfg.archive)
+    exclude = [out_dir] if type(out_fs) is type(arch_fs) else []
+    files, fs, ignored = S.list_archive(cfg.archive, cfg.glob, cfg.limit, exclude=exclude)
+
+    with _lock(cfg.output):
+        state = S.read_state(cfg.output)
+        owner = state.get("model_id") or _owner_from_parts(cfg.output)
+        S.check_owner({**state, "model_id": owner} if owner else state, meta.model_id, cfg.output, cfg.force)
+        if owner and owner != meta.model_id:  # --force onto another model's folder: it changes hands
+            S.remove_results(cfg.output)
+        S.clean_tmp(cfg.output)
+        S.write_state(cfg.output, meta.model_id, meta.model_version, classes)
+        if cfg.force:  # rescore the selected files; their new rows supersede the old ones (newest wins)
+            keys = np.zeros(0, dtype="S16")
+        else:
+            keys = S.done_keys(S.read_parts(cfg.output, classes), meta.model_id)
+        stats = _execute(cfg, meta, files, fs, keys, labels, on_progress, t0)
+        duration = time.perf_counter() - t0
+        summary = S.summarize_counts(
+            processed=stats.rows, errors_by_code=stats.errors_by_code, labelled=stats.labelled,
+            positives=stats.positives, candidates=len(files), ignored=ignored, duration_s=duration,
+            model_id=meta.model_id, model_version=meta.model_version)
+        summary["output"] = cfg.output
+        if cfg.report:
+            summary["report"] = _maybe_report(cfg.output, classes)
+        S.write_bytes_atomic(out_fs, f"{out_dir}/{S.SUMMARY_FILE}",
+                             (__import__("json").dumps(summary, indent=2, default=str) + "\n").encode())
+    return summary
+
+
+def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile], fs: pafs.FileSystem,
+             keys: np.ndarray, labels: S.LabelIndex, on_progress: ProgressFn | None, t0: float) -> RunStats:
+    """Run the Ray Data pipeline over ``files`` and write the rows as parts."""
+    stats = RunStats()
+    normal = "normal"
+    if not files:
+        return stats
+    import dataclasses
+
+    import ray
+    import ray.data
+
+    from jobs.common import init_ray
+
+    try:
+        started = init_ray()
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, Ray's startup timeout
+        raise CxrError(f"cannot start or reach Ray: {_root_message(exc)}") from None
+    try:
+        _quiet_ray_data()
+        res = ray.cluster_resources()
+        topo = plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)))
+        keys_ref = ray.put(keys) if keys.size else None
+        items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size} for f in files]
+        blocks = max(1, math.ceil(len(items) / max(1, cfg.batch_size)))
+        # each actor costs seconds of start-up (torch, the engine): small jobs get fewer
+        topo.actors = max(1, min(topo.actors, blocks // 4))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        local = isinstance(fs, pafs.LocalFileSystem)
+        ds = ds.map_batches(
+            prepare, batch_size=None, batch_format="numpy", num_cpus=topo.task_cpus,
+            fn_kwargs={"fs": None if local else fs, "pre": dataclasses.asdict(meta.preprocess), "done": keys_ref},
+        )
+        ds = ds.map_batches(
+            Scorer, batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=topo.actors),
+            fn_constructor_kwargs={"model_dir": str(Path(cfg.model).resolve()), "backend": cfg.engine,
+                                   "threads": topo.threads},
+            num_cpus=topo.actor_cpus, num_gpus=topo.actor_gpus or None,
+        )
+        writer = S.PartWriter(cfg.output, S.result_schema(list(meta.classes)), cfg.part_rows, cfg.part_seconds)
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                if block.num_rows == 0:
+                    continue
+                block = labels.apply(block)
+                writer.add(block)
+                stats.add(block, normal)
+                if on_progress:
+                    on_progress(Progress(stats.rows, len(files), stats.errors, time.perf_counter() - t0))
+            writer.flush()
+        except CxrError:
+            writer.flush()
+            raise
+        except Exception as exc:  # noqa: BLE001 - actor start-up failures surface here, wrapped by Ray
+            writer.flush()  # keep what was scored: a rerun resumes from it
+            raise CxrError(f"screening failed: {_root_message(exc)}") from None
+    finally:
+        if started:
+            ray.shutdown()
+    return stats
+
+
+def _quiet_ray_data() -> None:
+    """Our own progress line and summary replace Ray Data's bars and per-dataset logs."""
+    import logging
+    import warnings
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*minimum number of concurrent actors.*")
+    from ray.util.debug import log_once
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = False
+    ctx.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # consume Ray's one-time 'Progress bars disabled' warning
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost useful line of a (Ray-wrapped) exception."""
+    seen = exc
+    while getattr(seen, "cause", None) is not None or seen.__cause__ is not None:
+        seen = getattr(seen, "cause", None) or seen.__cause__  # type: ignore[assignment]
+    text = str(seen).strip().splitlines()
+    lines = [ln for ln in text if ln.strip() and not ln.startswith(("Traceback", "  "))]
+    return (lines[-1] if lines else type(seen).__name__)[:500]
+
+
+def _maybe_report(output: str, classes: list[str]) -> str | None:
+    """Write OUTPUT/report when the results carry true labels; None when there is nothing to report."""
+    table = S.read_results(output)
+    if table.num_rows == 0 or table.column("true_label").null_count == table.num_rows:
+        return None
+    try:
+        from cxr.report import write_report
+    except ImportError as exc:
+        print(f"report skipped: cxr.report is not available ({exc})", file=sys.stderr)
+        return None
+    fs, out_dir = S.open_fs(output)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        print("report skipped: reports are written to local folders only (use `cxr report`)", file=sys.stderr)
+        return None
+    target = Path(out_dir) / S.REPORT_DIR
+    write_report(table, target, classes)
+    return str(target)

@@ -1,0 +1,346 @@
+"""`cxr screen` / `cxr report` end to end on a real local Ray, real X-rays and bad files made here.
+
+One archive is screened once per module (the `screened` fixture) and the
+tests read its results; the SIGKILL test runs `cxr screen` as a subprocess.
+Images are scored by the 64 px `tiny_model`, so a run costs seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from cxr import screening as S
+from cxr.cli import main
+from cxr.preprocess import decode_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CXR = [str(Path(sys.executable).parent / "cxr")]
+
+
+# --------------------------------------------------------------------------- inputs made by the tests
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header claiming 10 gigapixels, with almost no data: caught by the pixel cap before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def png16_from(jpeg: bytes) -> bytes:
+    """The 8-bit image as a 16-bit grayscale PNG (v * 257: the exact 16-bit equivalent)."""
+    arr = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.uint16) * 257
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    return buf.getvalue()
+
+
+def dicom_from(jpeg: bytes, bits: int = 16, monochrome1: bool = False) -> bytes:
+    """A minimal valid DICOM (Explicit VR Little Endian) holding the JPEG's pixels at ``bits`` depth."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    arr = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.uint16)
+    if bits == 16:
+        arr = arr * 257
+    maxval = 2**bits - 1
+    if monochrome1:
+        arr = maxval - arr
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CR", "TEST"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated = 16 if bits > 8 else 8
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    ds.PixelData = arr.astype(np.uint16 if bits > 8 else np.uint8).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+BAD = {  # name -> (expected error_code, content maker)
+    "bad-empty.jpeg": "empty",
+    "bad-text.jpeg": "not_image",
+    "bad-truncated.jpeg": "truncated",
+    "bad-corrupt.png": "corrupt",
+    "bad-bomb.png": "too_large",
+    "bad-garbage.dcm": "dicom_invalid",
+}
+
+
+def make_archive(root: Path, normal: list[Path], pneumonia: list[Path]) -> dict[str, Path]:
+    """Kaggle-layout archive with awkward names, derived formats and every kind of bad file."""
+    (root / "NORMAL").mkdir(parents=True)
+    nested = root / "PNEUMONIA" / "batch 1" / "Zürich ü"
+    nested.mkdir(parents=True)
+    for p in normal:
+        shutil.copy(p, root / "NORMAL" / p.name)
+    for i, p in enumerate(pneumonia):
+        shutil.copy(p, nested / (f"film {i} é.jpeg" if i == 0 else p.name))
+    jpeg = normal[0].read_bytes()
+    made = {
+        "jpeg": root / "NORMAL" / normal[0].name,
+        "copy": root / "NORMAL" / "copy of first.jpeg",  # identical content, another path: its own row
+        "png16": root / "NORMAL" / "first 16bit.png",
+        "dicom16": root / "NORMAL" / "first_dicom_no_extension",  # recognised by content
+        "dicom8_mono1": root / "NORMAL" / "first mono1.dcm",
+    }
+    made["copy"].write_bytes(jpeg)
+    made["png16"].write_bytes(png16_from(jpeg))
+    made["dicom16"].write_bytes(dicom_from(jpeg, bits=16))
+    made["dicom8_mono1"].write_bytes(dicom_from(jpeg, bits=8, monochrome1=True))
+    bad = root / "NORMAL"
+    (bad / "bad-empty.jpeg").write_bytes(b"")
+    (bad / "bad-text.jpeg").write_text("this is a radiology report, not an image")
+    (bad / "bad-truncated.jpeg").write_bytes(jpeg[: len(jpeg) // 2])
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(png, format="PNG")
+    raw = bytearray(png.getvalue())
+    start = raw.index(b"IDAT") + 4
+    raw[start:start + 200] = os.urandom(200)
+    (bad / "bad-corrupt.png").write_bytes(bytes(raw))
+    (bad / "bad-bomb.png").write_bytes(png_bomb())
+    (bad / "bad-garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + os.urandom(300))
+    (root / "README.txt").write_text("not an image: ignored")
+    return made
+
+
+def invoke(*args: str) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+# --------------------------------------------------------------------------- one screened archive
+
+
+@pytest.fixture(scope="module")
+def screened(tmp_path_factory, ray_local, tiny_model, data_dir):
+    root = tmp_path_factory.mktemp("screen")
+    normal = sorted((data_dir / "train" / "NORMAL").glob("*.jpeg"))[:4]
+    pneumonia = sorted((data_dir / "train" / "PNEUMONIA").glob("*.jpeg"))[:4]
+    archive = root / "archive"
+    made = make_archive(archive, normal, pneumonia)
+    out = root / "out"
+    t0 = time.perf_counter()
+    res = invoke("screen", str(archive), "--model", str(tiny_model), "--output", str(out), "-q",
+                 "--metrics-file", str(root / "screen.prom"), "--batch-size", "8")
+    return {"archive": archive, "out": out, "made": made, "result": res, "root": root,
+            "model": tiny_model, "seconds": time.perf_counter() - t0}
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    return {r["path"]: r for r in S.read_results(str(out)).to_pylist()}
+
+
+N_INPUTS = 4 + 4 + 4 + len(BAD)  # real films, copy + png16 + 2 dicom, bad files (README.txt is ignored)
+
+
+def test_exactly_one_row_per_input_file_with_typed_errors(screened) -> None:
+    res = screened["result"]
+    assert res.exit_code == 0, res.output
+    raw = S.read_parts(str(screened["out"]))
+    paths = raw.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == N_INPUTS
+    rows = _rows(screened["out"])
+    for name, code in BAD.items():
+        row = rows[str(screened["archive"] / "NORMAL" / name)]
+        assert row["error_code"] == code, (name, row["error"])
+        assert row["error"] and row["prob_normal"] is None and row["label"] is None
+    scored = [r for r in rows.values() if r["error_code"] is None]
+    assert len(scored) == N_INPUTS - len(BAD)
+    assert all(r["label"] in ("normal", "pneumonia") and r["width"] == 224 and len(r["sha256"]) == 64 for r in scored)
+    assert {r["true_label"] for r in scored} == {"normal", "pneumonia"}  # from the folder layout
+    assert rows[str(screened["archive"] / "NORMAL" / "bad-bomb.png")]["width"] == 100_000
+    assert "errors: 6 (corrupt=1, dicom_invalid=1, empty=1, not_image=1, too_large=1, truncated=1)" in res.output
+    summary = json.loads((screened["out"] / S.SUMMARY_FILE).read_text())
+    assert (summary["scored"], summary["errors"], summary["skipped"], summary["ignored_non_images"]) == (12, 6, 0, 1)
+    # the codes are exactly those of the one preprocessing function
+    for name, code in BAD.items():
+        with pytest.raises(Exception) as exc:
+            decode_image((screened["archive"] / "NORMAL" / name).read_bytes())
+        assert getattr(exc.value, "code", None) == code
+
+
+def test_decisions_follow_the_exports_threshold(screened) -> None:
+    from cxr.export import read_metadata
+    from cxr.metrics import decide
+
+    meta = read_metadata(screened["model"])
+    rows = [r for r in _rows(screened["out"]).values() if r["error_code"] is None]
+    probs = np.array([[r["prob_normal"], r["prob_pneumonia"]] for r in rows])
+    assert [r["label"] for r in rows] == decide(probs, meta.classes, meta.threshold)
+    assert all(r["threshold"] == meta.threshold and r["model_id"] == meta.model_id for r in rows)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_16bit_png_and_dicom_score_like_their_8bit_jpeg(screened) -> None:
+    rows = _rows(screened["out"])
+    made = screened["made"]
+    ref = rows[str(made["jpeg"])]["prob_pneumonia"]
+    for key in ("copy", "png16", "dicom16", "dicom8_mono1"):
+        row = rows[str(made[key])]
+        assert row["error_code"] is None, (key, row["error"])
+        assert abs(row["prob_pneumonia"] - ref) < 1e-3, key
+    assert rows[str(made["copy"])]["sha256"] == rows[str(made["jpeg"])]["sha256"]
+
+
+def test_prometheus_file_parses_back(screened) -> None:
+    text = (screened["root"] / "screen.prom").read_text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["cxr_screen_scored_files"].samples[0].value == 12
+    assert fams["cxr_screen_success"].samples[0].value == 1
+    errors = {s.labels["code"]: s.value for s in fams["cxr_screen_error_files"].samples}
+    assert errors["too_large"] == 1 and errors["read_failed"] == 0
+    assert fams["cxr_screen_images_per_second"].samples[0].value > 0
+    info = fams["cxr_screen_model_info"].samples[0].labels
+    assert info["model_version"] == "tiny-test" and len(info["model_id"]) == 64
+
+
+def test_rerun_scores_only_new_or_changed_files(screened, data_dir) -> None:
+    out, archive = screened["out"], screened["archive"]
+    parts_before = S.list_parts(*S.open_fs(str(out)))
+    res = invoke("screen", str(archive), "--model", str(screened["model"]), "--output", str(out), "-q")
+    assert res.exit_code == 0, res.output
+    assert f"scored: 0  skipped (already done): {N_INPUTS}  errors: 0" in res.output
+    assert S.list_parts(*S.open_fs(str(out))) == parts_before
+    # one file changes content, one new file arrives: exactly two rows are added
+    changed = screened["made"]["copy"]
+    changed.write_bytes(sorted((data_dir / "train" / "NORMAL").glob("*.jpeg"))[10].read_bytes())
+    new = archive / "NORMAL" / "new arrival.jpeg"
+    shutil.copy(sorted((data_dir / "train" / "NORMAL").glob("*.jpeg"))[11], new)
+    res = invoke("screen", str(archive), "--model", str(screened["model"]), "--output", str(out), "-q")
+    assert res.exit_code == 0, res.output
+    assert f"scored: 2  skipped (already done): {N_INPUTS - 1}  errors: 0" in res.output
+    raw = S.read_parts(str(out)).column("path").to_pylist()
+    assert len(raw) == N_INPUTS + 2 and raw.count(str(changed)) == 2
+    rows = _rows(out)
+    assert len(rows) == N_INPUTS + 1
+    import hashlib
+
+    assert rows[str(changed)]["sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()  # newest row wins
+
+
+def test_fail_on_error_exits_non_zero(screened, tmp_path) -> None:
+    res = invoke("screen", str(screened["archive"]), "--model", str(screened["model"]), "--output",
+                 str(tmp_path / "o"), "--glob", "bad-*", "--fail-on-error", "-q", "--no-report")
+    assert res.exit_code == 1
+    assert "6 file(s) could not be scored" in res.output
+    assert S.read_results(str(tmp_path / "o")).num_rows == len(BAD)
+
+
+def test_report_command_from_existing_results(screened, tmp_path) -> None:
+    pytest.importorskip("cxr.report")
+    manifest = tmp_path / "labels.csv"
+    lines = ["path,label"] + [f"{p},PNEUMONIA" for p in _rows(screened["out"]) if "PNEUMONIA" in p]
+    manifest.write_text("\n".join(lines) + "\n")
+    res = invoke("report", str(screened["out"]), "--output", str(tmp_path / "rep"), "--labels", str(manifest))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "rep" / "metrics.json").is_file() and (tmp_path / "rep" / "report.html").is_file()
+    assert (screened["out"] / S.REPORT_DIR / "metrics.json").is_file()  # written by `cxr screen` itself
+
+
+# --------------------------------------------------------------------------- one clear line, non-zero
+
+
+def _one_error_line(res) -> str:
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def test_missing_archive_unreadable_model_and_foreign_folder(tiny_model, tmp_path, sample_images) -> None:
+    archive = tmp_path / "a"
+    archive.mkdir()
+    shutil.copy(sample_images[0], archive)
+    assert "archive not found" in _one_error_line(invoke("screen", str(tmp_path / "nope"), "-m", str(tiny_model),
+                                                         "-o", str(tmp_path / "o1")))
+    assert "model not found" in _one_error_line(invoke("screen", str(archive), "-m", str(tmp_path / "no-model"),
+                                                       "-o", str(tmp_path / "o2")))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
+    assert "unreadable model" in _one_error_line(invoke("screen", str(archive), "-m", str(broken), "-o", str(tmp_path / "o3")))
+    foreign = tmp_path / "foreign"
+    S.write_state(str(foreign), "f" * 64, "someone-else", ["normal", "pneumonia"])
+    line = _one_error_line(invoke("screen", str(archive), "-m", str(tiny_model), "-o", str(foreign)))
+    assert "another model" in line and "--force" in line
+    assert "not a cxr screening folder" in _one_error_line(invoke("report", str(archive), "-o", str(tmp_path / "r")))
+
+
+# --------------------------------------------------------------------------- SIGKILL mid-run, then resume
+
+
+def test_kill9_then_rerun_equals_an_uninterrupted_run(screened, ray_local, tmp_path, data_dir) -> None:
+    files = sorted((data_dir / "train" / "PNEUMONIA").glob("*.jpeg"))[:60]
+    archive = tmp_path / "arch"
+    archive.mkdir()
+    for p in files:
+        os.symlink(p, archive / p.name)
+    model = str(screened["model"])
+    killed = tmp_path / "killed"
+    # the job connects to the running Ray instance like a nightly job to its cluster; SIGKILL takes
+    # the driver down and Ray cleans up the job's tasks and actors
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*CXR, "screen", str(archive), "-m", model, "-o", str(killed), "--batch-size", "2",
+                             "--part-rows", "2", "--no-report", "-q"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(S.list_parts(*S.open_fs(str(killed)))) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started (its own session)
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    partial = S.read_parts(str(killed)).num_rows
+    assert 0 < partial < len(files)
+
+    res = invoke("screen", str(archive), "-m", model, "-o", str(killed), "-q", "--no-report", "--batch-size", "8")
+    assert res.exit_code == 0, res.output
+    assert f"scored: {len(files) - partial}  skipped (already done): {partial}" in res.output
+    ref_out = tmp_path / "reference"
+    assert invoke("screen", str(archive), "-m", model, "-o", str(ref_out), "-q", "--no-report").exit_code == 0
+
+    raw = S.read_parts(str(killed)).column("path").to_pylist()
+    assert len(raw) == len(set(raw)) == len(files)  # nothing duplicated, nothing missing
+    got, ref = _rows(killed), _rows(ref_out)
+    assert got.keys() == ref.keys()
+    for path, r in ref.items():
+        g = got[path]
+        assert (g["label"], g["sha256"], g["error_code"]) == (r["label"], r["sha256"], r["error_code"])
+        assert abs(g["prob_pneumonia"] - r["prob_pneumonia"]) < 1e-5
+    assert not list((killed / "results" / "_tmp").iterdir())
+    assert all(pq.read_metadata(p).num_rows > 0 for p in S.list_parts(*S.open_fs(str(killed))))
