@@ -47,7 +47,9 @@ class _ProgressLine:
 @click.option("--glob", default=None, metavar="PATTERN",
               help="Only files matching PATTERN: on the file name if it has no '/', else on the path under ARCHIVE.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N input files (sorted by path).")
-@click.option("--force", is_flag=True, help="Rescore everything, even with another model's results in --output.")
+@click.option("--force", is_flag=True,
+              help="Rescore the selected files even if already done (new rows supersede old ones); on a folder "
+                   "holding another model's results, remove them and take the folder over.")
 @click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file could not be scored (default: error rows, exit 0).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True,
               help="Images per inference call.")
