@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import os
 import re
 import secrets
@@ -42,6 +43,11 @@ RUNTIME_ENV_SPEC = Path(__file__).with_name("runtime_env.yaml")
 CLUSTER_PROVIDED = frozenset({"ray"})
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 PROBE_TIMEOUT_S = 5.0
+#: how long a submission waits for a freshly started head's job agent ("No available agent ...")
+AGENT_WAIT_S = 60.0
+#: Ray client loggers that narrate every upload at INFO; the CLI prints its own summary instead
+_CHATTY_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
+                   "ray._private.runtime_env.working_dir", "ray.dashboard.modules.job.sdk")
 
 
 def entrypoint(command: str, args: Sequence[str]) -> str:
@@ -192,6 +198,9 @@ def connect(address: str | None) -> JobSubmissionClient:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
     with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         try:
             return JobSubmissionClient(url, headers=headers)
@@ -220,17 +229,23 @@ def submit(client: JobSubmissionClient, command: str, args: Sequence[str], *, im
     """Submit ``cxr COMMAND ARGS`` as a Ray job; returns its submission id."""
     renv = runtime_env(image_has_cxr=image_has_cxr, env=env)
     job_id = job_id or submission_id(command)
-    try:
-        return client.submit_job(
-            entrypoint=entrypoint(command, args),
-            submission_id=job_id,
-            runtime_env=renv,
-            metadata={"cxr_command": command, "cxr_deps": "image" if image_has_cxr else "uv.lock"},
-            entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=entrypoint_num_gpus,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise CxrError(f"submitting {command} failed: {_first_line(exc)}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint(command, args),
+                submission_id=job_id,
+                runtime_env=renv,
+                metadata={"cxr_command": command, "cxr_deps": "image" if image_has_cxr else "uv.lock"},
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                entrypoint_num_gpus=entrypoint_num_gpus,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            # a head that has just started answers 500 until its job agent registers
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise CxrError(f"submitting {command} failed: {_first_line(exc)}") from None
 
 
 def job_info(client: JobSubmissionClient, job_id: str) -> JobDetails:
