@@ -73,10 +73,7 @@ def locked_requirements(root: Path = PROJECT_ROOT) -> list[str]:
     the locked one.
     """
     lock_path = root / "uv.lock"
-    try:
-        lock = tomllib.loads(lock_path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise CxrError(f"cannot read {lock_path}: {exc}") from None
+    lock = _read_lock(lock_path)
     versions: dict[str, list[str]] = {}
     for pkg in lock.get("package", []):
         versions.setdefault(pkg["name"], []).append(pkg.get("version", ""))
@@ -99,11 +96,15 @@ def locked_requirements(root: Path = PROJECT_ROOT) -> list[str]:
 
 def locked_ray_version(root: Path = PROJECT_ROOT) -> str | None:
     """The Ray version uv.lock pins (the one the cluster should run)."""
-    try:
-        lock = tomllib.loads((root / "uv.lock").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
+    lock = _read_lock(root / "uv.lock")
     return next((p.get("version") for p in lock.get("package", []) if p["name"] == "ray"), None)
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CxrError(f"cannot read {path}: {exc}") from None
 
 
 def runtime_env(image_has_cxr: bool = False, env: dict[str, str] | None = None,

@@ -129,19 +129,24 @@ def _apply_json_patch(doc: dict, ops: list[dict]) -> None:
             node[last] = op["value"]
 
 
-def _containers(doc: Any) -> list[dict]:
-    """Every container dict anywhere in the document (pod templates nest at different depths)."""
-    found: list[dict] = []
+def _walk(doc: Any) -> Any:
+    """Every (key, value) of every mapping nested anywhere in ``doc``."""
     if isinstance(doc, dict):
         for key, value in doc.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                found.extend(value)
-            else:
-                found.extend(_containers(value))
+            yield key, value
+            yield from _walk(value)
     elif isinstance(doc, list):
         for item in doc:
-            found.extend(_containers(item))
-    return found
+            yield from _walk(item)
+
+
+def _containers(doc: Any) -> list[dict]:
+    """Every container anywhere in the document (pod templates nest at different depths)."""
+    return [c for key, value in _walk(doc) if key in ("containers", "initContainers") for c in value]
+
+
+def _pod_templates(doc: Any) -> list[dict]:
+    return [v for key, v in _walk(doc) if key == "template" and isinstance(v, dict) and "containers" in v.get("spec", {})]
 
 
 def _render(directory: Path) -> list[dict]:
@@ -254,20 +259,6 @@ def test_rayio_resources_validate_against_kuberay_crds(overlay: str) -> None:
     for doc in ray_docs:
         errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=lambda e: list(e.absolute_path))
         assert not errors, "\n".join(f"{doc['kind']} {list(e.absolute_path)}: {e.message}" for e in errors)
-
-
-def _pod_templates(doc: Any) -> list[dict]:
-    found: list[dict] = []
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            if key == "template" and isinstance(value, dict) and "containers" in value.get("spec", {}):
-                found.append(value)
-            else:
-                found.extend(_pod_templates(value))
-    elif isinstance(doc, list):
-        for item in doc:
-            found.extend(_pod_templates(item))
-    return found
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
