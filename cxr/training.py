@@ -243,6 +243,28 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.d
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+def ema_avg_fn(decay: float):
+    """EMA update for ``AveragedModel(multi_avg_fn=...)`` with timm's warm-up.
+
+    The effective decay is ``min(decay, (1 + n) / (10 + n))`` after n updates, so
+    a short from-scratch run is not dragged towards its random initialisation
+    (plain 0.998 still weighs the init 25% after 700 steps). Integer buffers
+    (BatchNorm's batch counter) take the current value.
+    """
+
+    @torch.no_grad()
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(ema[0]):
+            torch._foreach_lerp_(ema, current, 1.0 - d)
+        else:
+            for e, c in zip(ema, current):
+                e.copy_(c)
+
+    return update
+
+
 def seed_everything(seed: int) -> None:
     import random
 

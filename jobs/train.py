@@ -20,7 +20,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from cxr.config import TrainConfig, from_dict, save_json, to_dict
 from cxr.data import Sample, discover, fingerprint, split_by_patient
@@ -31,7 +31,7 @@ from cxr.model import build_model
 from cxr.preprocess import make_train_augment
 from cxr.training import (
     DistributedBalancedSampler, LoadedImages, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
-    class_weights, cpu_has_fast_bf16, load_images, predict, seed_everything, train_one_epoch,
+    class_weights, cpu_has_fast_bf16, ema_avg_fn, load_images, predict, seed_everything, train_one_epoch,
 )
 from jobs.common import init_ray
 
@@ -106,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     plain = getattr(model, "module", model)
-    ema = AveragedModel(plain, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+    ema = AveragedModel(plain, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     weights = class_weights(train_imgs.targets, len(classes)) if cfg.imbalance == "weights" else None
