@@ -74,7 +74,7 @@ class Head:
 def head() -> Iterator[Head]:
     """A Ray head with a dashboard (job server) on free 127.0.0.1 ports; killed, with its jobs, afterwards."""
     (gcs, dash, node_mgr, obj_mgr, client, agent_listen, agent_grpc, metrics, renv_agent) = _free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    temp_dir = tempfile.mkdtemp(prefix="cxr-jobs-head-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     cmd = [RAY, "start", "--head", "--block", "--disable-usage-stats",
            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
