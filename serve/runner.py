@@ -77,7 +77,7 @@ def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_inter
     kwargs: dict[str, Any] = {}
     if metrics_report_interval_ms:
         kwargs["_system_config"] = {"metrics_report_interval_ms": int(metrics_report_interval_ms)}
-    for attempt in (1, 2):  # Ray waits only 30 s for its raylet: on a loaded machine, try once more
+    for attempt in (1, 2, 3):  # Ray waits only 30 s for its raylet: on a loaded machine, try again
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                      logging_level=logging.WARNING if quiet else logging.INFO,
@@ -85,7 +85,7 @@ def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_inter
             break
         except Exception as exc:  # noqa: BLE001
             ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
+            if attempt == 3 or "timed out during startup" not in str(exc):
                 raise
             time.sleep(2.0)
     return True, cfg.metrics_port
@@ -142,15 +142,16 @@ def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval
     return handle
 
 
-def replica_count(app_name: str) -> int:
-    """RUNNING replicas of the model deployment (for the autoscaling benchmark)."""
+def replica_count(app_name: str, include_starting: bool = False) -> int:
+    """RUNNING (optionally also STARTING) replicas of the model deployment (for the autoscaling benchmark)."""
     from ray import serve
 
     app = serve.status().applications.get(app_name)
     if app is None or DEPLOYMENT_NAME not in app.deployments:
         return 0
     states = app.deployments[DEPLOYMENT_NAME].replica_states
-    return int(sum(n for state, n in states.items() if str(state).endswith("RUNNING")))
+    wanted = ("RUNNING", "STARTING") if include_starting else ("RUNNING",)
+    return int(sum(n for state, n in states.items() if str(state).rsplit(".", 1)[-1] in wanted))
 
 
 def stop(started: Started) -> None:
