@@ -246,16 +246,17 @@ def list_parts(fs: pafs.FileSystem, out_dir: str) -> list[str]:
                   and not i.base_name.startswith(("_", ".")))
 
 
-def read_parts(location: str, classes: Sequence[str] | None = None) -> pa.Table:
-    """All rows of all parts (duplicates by path included), in part order."""
+def read_parts(location: str, classes: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """All rows of all parts (duplicates by path included), in part order; optionally only ``columns``."""
     fs, out_dir = open_fs(location)
     parts = list_parts(fs, out_dir)
     if not parts:
-        return empty_results(classes or read_state(location).get("classes") or [])
+        empty = empty_results(classes or read_state(location).get("classes") or [])
+        return empty.select(list(columns)) if columns else empty
     tables = []
     for p in parts:
         try:
-            tables.append(pq.read_table(p, filesystem=fs))
+            tables.append(pq.read_table(p, filesystem=fs, columns=list(columns) if columns else None))
         except Exception as exc:  # noqa: BLE001
             raise CxrError(f"cannot read result part {p}: {exc}") from None
     try:

@@ -280,13 +280,13 @@ def _owner_from_parts(location: str) -> str | None:
 
 
 def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (see cxr.screening.summarize)."""
+    """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (cxr.screening.summarize_counts)."""
     t0 = time.perf_counter()
     meta = check_model(cfg.model, cfg.engine)
     classes = list(meta.classes)
     labels = S.load_labels(cfg.labels, classes)
     out_fs, out_dir = S.open_fs(cfg.output)
-    arch_fs, arch_root = S.open_fs(cfg.archive)
+    arch_fs, _ = S.open_fs(cfg.archive)
     exclude = [out_dir] if type(out_fs) is type(arch_fs) else []
     files, fs, ignored = S.list_archive(cfg.archive, cfg.glob, cfg.limit, exclude=exclude)
 
@@ -301,7 +301,8 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         if cfg.force:  # rescore the selected files; their new rows supersede the old ones (newest wins)
             keys = np.zeros(0, dtype="S16")
         else:
-            keys = S.done_keys(S.read_parts(cfg.output, classes), meta.model_id)
+            done = S.read_parts(cfg.output, classes, columns=["path", "sha256", "model_id", "error_code"])
+            keys = S.done_keys(done, meta.model_id)
         stats = _execute(cfg, meta, files, fs, keys, labels, on_progress, t0)
         duration = time.perf_counter() - t0
         summary = S.summarize_counts(
