@@ -1,29 +1,59 @@
-"""Ray plumbing shared by the jobs: connect to a cluster or start the embedded local one."""
+"""Ray plumbing shared by the jobs and Serve: connect to a cluster or start the embedded local one."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import Any
 
 import ray
 
+from cxr.errors import CxrError
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True, **extra) -> bool:
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool = True,
+             metrics_export_port: int | None = None, system_config: dict[str, Any] | None = None,
+             log_to_driver: bool = True, attempts: int = 3) -> bool:
     """Connect to RAY_ADDRESS if set, else start a local in-process Ray instance.
 
-    ``CXR_RAY_TEMP_DIR`` puts the local instance's session files (and so every
-    process's command line) under a known folder: tests use it to clean up.
-    Returns True when this call started Ray (the caller then shuts it down).
+    The local start is retried: Ray waits a fixed time for its raylet and
+    dashboard agent, which a loaded machine can miss. ``CXR_RAY_TEMP_DIR`` puts
+    the session files (and so every Ray process's command line) under a known
+    folder, which tests use to clean up. Returns True when this call started or
+    connected Ray (the caller then shuts it down); failures are one-line CxrErrors.
     """
     if ray.is_initialized():
         return False
-    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING if quiet else logging.INFO, **extra}
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver,
+                              "logging_level": logging.WARNING if quiet else logging.INFO}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
-    else:
-        if os.environ.get("CXR_RAY_TEMP_DIR"):
-            kwargs["_temp_dir"] = os.environ["CXR_RAY_TEMP_DIR"]
-        # the dashboard serves the State API that Ray Train's controller queries
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **kwargs)
-    return True
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts
+            raise CxrError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {_first_line(exc)}") from None
+        return True
+    if os.environ.get("CXR_RAY_TEMP_DIR"):
+        kwargs["_temp_dir"] = os.environ["CXR_RAY_TEMP_DIR"]
+    if metrics_export_port:
+        kwargs["_metrics_export_port"] = metrics_export_port
+    if system_config:
+        kwargs["_system_config"] = system_config
+    for attempt in range(1, attempts + 1):
+        try:
+            # the dashboard serves the State API that Ray Train's controller queries
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            ray.shutdown()
+            if attempt == attempts:
+                raise CxrError(f"cannot start a local Ray instance ({attempts} tries): {_first_line(exc)}") from None
+            logging.getLogger("cxr").warning("Ray did not start (%s); retrying", _first_line(exc)[:120])
+            time.sleep(2.0)
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -331,7 +331,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
 
     from jobs.common import init_ray
 
-    started = _init_ray_with_retry(init_ray)
+    started = init_ray()
     try:
         _quiet_ray_data()
         res = ray.cluster_resources()
@@ -375,26 +375,6 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         if started:
             ray.shutdown()
     return stats
-
-
-def _init_ray_with_retry(init_ray: Callable[[], bool], attempts: int = 2) -> bool:
-    """Start/connect Ray, once more if the first start fails.
-
-    On an overloaded machine a local raylet can die while waiting for its
-    dashboard agent (a fixed timeout inside Ray); a second start usually works.
-    """
-    import ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return init_ray()
-        except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, Ray's startup timeout
-            if ray.is_initialized():
-                ray.shutdown()
-            if attempt == attempts:
-                raise CxrError(f"cannot start or reach Ray: {_root_message(exc)}") from None
-            print(f"Ray did not start ({_root_message(exc)[:120]}); retrying once", file=sys.stderr)
-    return False
 
 
 def _quiet_ray_data() -> None:

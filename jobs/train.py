@@ -30,7 +30,7 @@ from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivi
 from cxr.model import build_model
 from cxr.preprocess import make_train_augment
 from cxr.training import (
-    DistributedBalancedSampler, LoadedImages, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
+    DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
     class_weights, cpu_has_fast_bf16, ema_avg_fn, load_images, predict, seed_everything, train_one_epoch,
 )
 from jobs.common import init_ray

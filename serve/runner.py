@@ -6,12 +6,10 @@ deploys (same builder, same options, same HTTP options).
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from cxr.config import ServeConfig
 from cxr.errors import CxrError
@@ -59,8 +57,7 @@ def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_inter
     """Connect to RAY_ADDRESS, or start a local Ray whose Prometheus export port is ``cfg.metrics_port``.
 
     Returns (started_here, metrics_port). ``jobs.common.init_ray`` has no
-    metrics-port argument, so the local start is done here; the cluster case
-    reuses it unchanged.
+    metrics port to report back, so this wrapper passes it in and returns it.
     """
     import ray
 
@@ -73,21 +70,11 @@ def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_inter
         return False, None
     if not port_free("127.0.0.1", cfg.metrics_port):
         raise CxrError(f"metrics port {cfg.metrics_port} is in use; pick another with --metrics-port")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    kwargs: dict[str, Any] = {}
-    if metrics_report_interval_ms:
-        kwargs["_system_config"] = {"metrics_report_interval_ms": int(metrics_report_interval_ms)}
-    for attempt in (1, 2, 3):  # Ray waits only 30 s for its raylet: on a loaded machine, try again
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-                     logging_level=logging.WARNING if quiet else logging.INFO,
-                     _metrics_export_port=cfg.metrics_port, **kwargs)
-            break
-        except Exception as exc:  # noqa: BLE001
-            ray.shutdown()
-            if attempt == 3 or "timed out during startup" not in str(exc):
-                raise
-            time.sleep(2.0)
+    from jobs.common import init_ray as start_local
+
+    system_config = {"metrics_report_interval_ms": int(metrics_report_interval_ms)} if metrics_report_interval_ms else None
+    start_local(num_cpus, quiet, dashboard=False, metrics_export_port=cfg.metrics_port, system_config=system_config,
+                log_to_driver=log_to_driver)
     return True, cfg.metrics_port
 
 
