@@ -58,7 +58,9 @@ def ray_local():
     """A real local Ray instance for one test module, shut down afterwards."""
     import ray
 
+    from jobs.common import init_ray
+
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, dashboard=False, log_to_driver=False)  # retried: a loaded machine can miss Ray's start-up wait
     yield ray
     ray.shutdown()
