@@ -6,6 +6,7 @@ deploys (same builder, same options, same HTTP options).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -145,17 +146,22 @@ def stop(started: Started) -> None:
     """Graceful stop: Serve drains in-flight requests (graceful_shutdown_*), then Ray goes if we started it.
 
     On a cluster we only delete our application: Serve and Ray belong to it.
+    The drain is bounded (``graceful_shutdown_timeout_s`` + 30 s): ``serve.shutdown``
+    waits on its controller without a limit, and a local Ray we started is torn
+    down by ``ray.shutdown`` anyway, so Ctrl-C never hangs.
     """
+    import threading
+
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         return
-    try:
-        if started.started_ray:
-            serve.shutdown()
-        else:
-            serve.delete(started.cfg.app_name)
-    finally:
-        if started.started_ray:
-            ray.shutdown()
+    drain = serve.shutdown if started.started_ray else (lambda: serve.delete(started.cfg.app_name))
+    worker = threading.Thread(target=drain, name="serve-drain", daemon=True)
+    worker.start()
+    worker.join(started.cfg.graceful_shutdown_timeout_s + 30.0)
+    if worker.is_alive():
+        logging.getLogger("cxr").warning("Serve did not drain in time; stopping Ray")
+    if started.started_ray:
+        ray.shutdown()
