@@ -215,7 +215,7 @@ def save_json(cfg: Any, path: str | Path) -> None:
 #: tiny - smoke runs (tests, `make demo`): seconds, not a useful model.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
-        workers=2, epochs=15, batch_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
+        workers=2, epochs=14, batch_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
         schedule="onecycle", imbalance="weights", pretrained="none", warmup_epochs=0, amp=True,
         channels_last=True, ema_decay=0.998, early_stop_patience=0,
         preprocess=dict(image_size=128),
