@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,8 +124,23 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
         click.echo("stopping: draining in-flight requests ...", err=True)
     finally:
         if started is not None:
+            # Ray's own shutdown can block (seen after other Ray sessions on the machine): never hang on
+            # Ctrl-C. A hard exit still stops everything we started: Ray's processes die with their parent.
+            watchdog = threading.Timer(cfg.graceful_shutdown_timeout_s + 45.0, _forced_exit)
+            watchdog.daemon = True
+            watchdog.start()
             runner.stop(started)
             click.echo("stopped.", err=True)
+
+
+def _forced_exit() -> None:
+    """Serve has drained (bounded in runner.stop) but ray.shutdown() blocked: leave anyway.
+
+    Ray's processes were started with PR_SET_PDEATHSIG, so they die with this one.
+    """
+    click.echo("stopped. (Ray's shutdown did not return in time; exiting without it)", err=True)
+    sys.stderr.flush()
+    os._exit(0)
 
 
 COMMANDS: list[click.Command] = [serve_cmd]
