@@ -102,6 +102,9 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    # an ignored SIGINT is inherited from the parent process (Python then installs no Ctrl-C handler):
+    # install it explicitly so Ctrl-C always stops the server
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = None
     try:
         started = runner.start(cfg, num_cpus=num_cpus, quiet=True)
