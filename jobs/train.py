@@ -12,10 +12,12 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -29,6 +31,7 @@ from cxr.export import ModelMetadata, save_export
 from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivity
 from cxr.model import build_model
 from cxr.preprocess import make_train_augment
+from cxr.screening import open_fs, uri_prefix
 from cxr.training import (
     DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
     class_weights, cpu_has_fast_bf16, ema_avg_fn, load_images, predict, seed_everything, train_one_epoch,
@@ -126,6 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         best_auc, since_best = state.get("best_auc", -1.0), state.get("since_best", 0)
         if rank == 0:
             _say(f"resumed from checkpoint after epoch {start_epoch}/{cfg.epochs}")
+        if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
+            start_epoch = cfg.epochs  # the run had already stopped early: nothing left to train
 
     live_log = Path(config["output"]) / "metrics.jsonl" if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
@@ -225,28 +230,21 @@ def _storage(cfg: TrainConfig, output: Path) -> str:
 
 
 def _has_run(storage: str) -> bool:
-    if "://" in storage:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(storage)
-        return fs.get_file_info(f"{path}/{RUN_NAME}").type != pafs.FileType.NotFound
-    return (Path(storage) / RUN_NAME).exists()
+    fs, root = open_fs(storage)
+    return fs.get_file_info(f"{root}/{RUN_NAME}").type != pafs.FileType.NotFound
 
 
-def latest_checkpoint(storage: str) -> str | None:
-    """The newest complete checkpoint of the run in ``storage`` (a killed run may leave a partial one).
+def complete_checkpoints(storage: str) -> list[str]:
+    """The run's complete checkpoints in ``storage``, newest first (a killed run may leave a partial one).
 
     Checkpoint folder names are timestamps, so name order is time order; a
     checkpoint counts once its state file is a complete zip archive.
     """
-    import zipfile
-
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    fs, root = open_fs(storage)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{RUN_NAME}", allow_not_found=True))
     dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
                   reverse=True)
+    out = []
     for d in dirs:
         state = fs.get_file_info(f"{d}/{STATE_FILE}")
         if state.type != pafs.FileType.File or not state.size:
@@ -258,8 +256,14 @@ def latest_checkpoint(storage: str) -> str | None:
                         continue
             except (zipfile.BadZipFile, OSError):
                 continue
-        return d if "://" not in storage else f"{storage.split('://')[0]}://{d}"
-    return None
+        out.append(uri_prefix(storage) + d)
+    return out
+
+
+def latest_checkpoint(storage: str) -> str | None:
+    """The newest complete checkpoint: where ``--resume`` continues from."""
+    found = complete_checkpoints(storage)
+    return found[0] if found else None
 
 
 def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, Any]:
@@ -311,10 +315,10 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, An
         )
         t0 = time.time()
         try:
-            result = trainer.fit()
+            trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise CxrError(f"training failed: {_root_cause(exc)}") from None
-        return _finish(cfg, output, result, train, val, time.time() - t0)
+        return _finish(cfg, output, storage, train, val, time.time() - t0)
     finally:
         if started:
             ray.shutdown()
@@ -328,18 +332,34 @@ def _root_cause(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
-def _load_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+def _load_state(path: str) -> dict[str, Any]:
+    with ray.train.Checkpoint(path).as_directory() as d:
+        # mmap: only the tensors used are read (a state holds model, EMA and optimizer)
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
 
 
-def _finish(cfg: TrainConfig, output: Path, result: Any, train: list[Sample], val: list[Sample],
+def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], val: list[Sample],
             seconds: float) -> dict[str, Any]:
-    best_ckpt, _ = max(result.best_checkpoints or [(result.checkpoint, {})],
-                       key=lambda cm: (cm[1].get("val_auc", -1.0), cm[1].get("epoch", 0)))
-    best = _load_state(best_ckpt)
-    latest = _load_state(result.checkpoint) if result.checkpoint != best_ckpt else best
-    history = latest["history"]
+    """Export the best checkpoint in ``storage`` (by val AUC, then epoch).
+
+    The choice is made over every checkpoint kept in storage, not over this
+    fit's Result: after ``--resume`` the best epoch may predate the restart,
+    and a resume of a finished run reports nothing new.
+    """
+    found = complete_checkpoints(storage)
+    if not found:
+        raise CxrError(f"training produced no checkpoint in {storage}/{RUN_NAME}")
+    scores = []
+    for path in found:
+        state = _load_state(path)
+        epoch = state["epoch"]
+        auc = next((h["val_auc"] for h in state["history"] if h["epoch"] == epoch), -1.0)
+        scores.append(((auc, epoch), path))
+        del state
+    best_path = max(scores)[1]
+    latest_path = max(scores, key=lambda s: s[0][1])[1]
+    best = _load_state(best_path)
+    history = _load_state(latest_path)["history"]
 
     model = build_model(len(cfg.classes))
     model.load_state_dict(best["model"])

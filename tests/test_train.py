@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cxr.engine import load_engine
-from cxr.export import load_export
+from cxr.export import load_export, read_metadata
 from cxr.preprocess import preprocess
 
 CLI = [sys.executable, "-c", "from cxr.cli import main; main()"]
@@ -101,6 +101,13 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     onnx_p = load_engine(out / "model", "onnx").predict_proba(x)
     np.testing.assert_allclose(torch_p.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(torch_p, onnx_p, atol=1e-4)
+
+    # --resume of a finished run trains nothing and exports the same best checkpoint again
+    finished = TrainProcess(["--resume", *args], tmp / "finished.log")
+    procs.append(finished)
+    assert finished.wait(timeout=600) == 0, finished.output()[-3000:]
+    assert read_metadata(out / "model").model_id == meta.model_id
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
     # without --resume, an existing run is not silently overwritten
     third = TrainProcess(args, tmp / "third.log")
