@@ -11,7 +11,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+
+EngineName = Literal["auto", "torch", "torch-bf16", "onnx"]
+ENGINES: tuple[str, ...] = get_args(EngineName)  # the --engine choices of `cxr screen` and `cxr serve`
+ENGINE_HELP = ("auto = PyTorch with bf16 autocast + channels_last on GPUs and on CPUs with native bf16 "
+               "(AVX512-BF16/AMX), else ONNX Runtime fp32; torch = PyTorch fp32 on CPU; torch-bf16 = bf16 on CPU too.")
+
+ARCH = "resnet50"  # what cxr.model.build_model builds (recorded in every export's metadata)
 
 Task = Literal["binary", "subtype"]
 
@@ -110,11 +117,11 @@ class ScreenConfig:
     limit: int | None = None
     force: bool = False
     fail_on_error: bool = False
-    batch_size: int = 32
+    batch_size: int = 16  # images per inference call: bf16 on CPU is fastest at 16 (bench/engine_speed.py)
     workers: int = 0  # inference actors; 0 = as many as the cluster allows
     threads_per_worker: int = 0  # engine intra-op threads per actor; 0 = CPUs / actors
     gpus_per_worker: float = 0.0
-    engine: Literal["auto", "torch", "onnx"] = "auto"
+    engine: EngineName = "auto"
     report: bool = True
     metrics_file: str | None = None
     pushgateway: str | None = None
@@ -150,7 +157,7 @@ class ServeConfig:
     metrics_port: int = 8080  # Ray's Prometheus export port (local Ray started by `cxr serve`)
     route_prefix: str = "/"
     app_name: str = "cxr"
-    engine: Literal["auto", "torch", "onnx"] = "auto"
+    engine: EngineName = "auto"
     engine_threads: int = 0  # intra-op threads of the engine; 0 = the engine's default
     preprocess_threads: int = 2  # decode+preprocess thread pool per replica (off the event loop)
     max_batch_size: int = 16  # @serve.batch; runtime-settable through user_config
@@ -215,9 +222,9 @@ def save_json(cfg: Any, path: str | Path) -> None:
 #: tiny - smoke runs (tests, `make demo`): seconds, not a useful model.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
-        workers=2, epochs=14, batch_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
+        workers=2, epochs=12, batch_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
         schedule="onecycle", imbalance="weights", pretrained="none", warmup_epochs=0, amp=True,
-        channels_last=True, ema_decay=0.998, early_stop_patience=0,
+        channels_last=True, ema_decay=0.9975, early_stop_patience=0,
         preprocess=dict(image_size=128),
     ),
     "gpu": dict(

@@ -1,9 +1,12 @@
 """Inference engines: the same weights, run by PyTorch or ONNX Runtime.
 
 Screening and serving both go through :func:`load_engine`, so they score with
-the same engine and give the same probabilities. On CPU, ONNX Runtime is ~2x
-PyTorch eager for ResNet-50 (BENCHMARKS.md); on GPU, PyTorch with bf16
-autocast and channels_last is used.
+the same engine and give the same probabilities. ``auto`` picks the fastest
+engine measured for the hardware (``bench/engine_speed.py``, BENCHMARKS.md):
+PyTorch with bf16 autocast and channels_last on GPUs and on CPUs with native
+bf16 (1.4x ONNX Runtime at batch 16 on this AVX512-BF16 EPYC, and it gains
+from batching where ONNX Runtime does not); ONNX Runtime fp32 on other CPUs
+(~2x PyTorch eager fp32 there).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from cxr.errors import CxrError
 from cxr.export import ONNX, ModelMetadata, load_export, read_metadata
+from cxr.model import cpu_has_fast_bf16
 
 
 class Engine(Protocol):
@@ -87,29 +91,35 @@ class OnnxEngine:
 
 
 class TorchEngine:
-    name = "torch"
+    """PyTorch, channels_last; bf16 autocast on GPU, and on CPU when asked (``torch-bf16``).
 
-    def __init__(self, model_dir: str | Path, device: str | None = None) -> None:
+    bf16 is the precision training evaluated in (autocast on GPUs and on CPUs
+    with native bf16), so the exported threshold was chosen on bf16 scores; it
+    differs from fp32 by ~1e-3 in probability, hence opt-in on CPU.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, bf16: bool | None = None) -> None:
         model, self.meta = load_export(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
+        self.name = "torch-bf16" if self.bf16 else "torch"
         self.model = _Softmax(model).to(self.device).to(memory_format=torch.channels_last).eval()
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.device.type == "cuda"):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(x).float().cpu().numpy()
 
 
 def load_engine(model_dir: str | Path, backend: str = "auto", threads: int = 0) -> Engine:
-    """The engine screening and serving use: ``auto`` = PyTorch on GPU, ONNX Runtime on CPU."""
+    """The engine screening and serving use (see the module docstring for what ``auto`` picks)."""
     if backend == "auto":
-        backend = "torch" if torch.cuda.is_available() else "onnx"
+        backend = "torch" if torch.cuda.is_available() else "torch-bf16" if cpu_has_fast_bf16() else "onnx"
     if backend == "onnx":
         return OnnxEngine(model_dir, threads=threads)
-    if backend == "torch":
+    if backend in ("torch", "torch-bf16"):
         if threads:
             torch.set_num_threads(threads)
-        return TorchEngine(model_dir)
-    raise CxrError(f"unknown engine {backend!r} (auto, torch, onnx)")
+        return TorchEngine(model_dir, bf16=True if backend == "torch-bf16" else None)
+    raise CxrError(f"unknown engine {backend!r} (auto, torch, torch-bf16, onnx)")

@@ -14,14 +14,16 @@ import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from cxr.config import PreprocessConfig, from_dict, to_dict
+from cxr.config import ARCH, PreprocessConfig, from_dict, to_dict
 from cxr.errors import CxrError
-from cxr.model import ARCH, build_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported inside the functions that need it: reading metadata (every
+# `cxr screen` driver, `cxr report`) must not pay ~5 s of torch/torchvision import.
 
 WEIGHTS = "weights.pt"
 ONNX = "model.onnx"
@@ -60,6 +62,7 @@ class ModelMetadata:
 
 
 def versions() -> dict[str, str]:
+    import torch
     import torchvision
 
     from cxr import __version__
@@ -78,6 +81,10 @@ def sha256_file(path: str | Path) -> str:
 
 def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, onnx: bool = True) -> ModelMetadata:
     """Write weights, ONNX graph (checked against PyTorch) and metadata; returns the final metadata."""
+    import torch
+
+    from cxr.model import build_model
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
@@ -111,6 +118,10 @@ def read_metadata(directory: str | Path) -> ModelMetadata:
 
 def load_export(directory: str | Path, verify: bool = True) -> tuple[nn.Module, ModelMetadata]:
     """The one model loader: (eval-mode CPU model, metadata) from an export directory."""
+    import torch
+
+    from cxr.model import build_model
+
     meta = read_metadata(directory)
     weights = Path(directory) / WEIGHTS
     if not weights.is_file():

@@ -16,8 +16,6 @@ from torchvision.models import ResNet50_Weights, resnet50
 
 from cxr.errors import CxrError
 
-ARCH = "resnet50"
-
 
 def build_model(num_classes: int, pretrained: str = "none") -> nn.Module:
     """ResNet-50 with a 1-channel stem and a ``num_classes`` head.
@@ -90,3 +88,13 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     for name, p in model.named_parameters():
         if not name.startswith("fc."):
             p.requires_grad_(trainable)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX): bf16 autocast trains 2-3x and infers ~1.5x faster there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

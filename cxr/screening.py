@@ -407,8 +407,6 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
     extension). Other files (notes, manifests) are ignored; their count is
     returned third. ``--limit`` keeps the first N inputs of the sorted listing.
     """
-    from cxr.preprocess import detect_format
-
     fs, root = open_fs(archive)
     prefix = uri_prefix(archive)
     try:
@@ -435,6 +433,8 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         if glob and not _matches(rel, glob):
             continue
         if PurePosixPath(fi.base_name).suffix.lower() not in IMAGE_SUFFIXES:
+            from cxr.preprocess import detect_format  # here, not above: it imports torch (~2 s)
+
             try:
                 with fs.open_input_file(fi.path) as f:
                     head = f.read(_SNIFF_BYTES)

@@ -28,7 +28,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver,
                               "logging_level": logging.WARNING if quiet else logging.INFO}
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # "local" = a new local instance: started below, with our options
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts

@@ -191,7 +191,7 @@ def check_model(model_dir: str, engine: str) -> "ModelMetadata":
     if not meta.model_id or not meta.classes or "normal" not in meta.classes:
         raise CxrError(f"{model_dir}: metadata lacks model_id or a 'normal' class; not a usable export")
     onnx, weights = Path(model_dir) / ONNX, Path(model_dir) / WEIGHTS
-    needs = [onnx] if engine == "onnx" else [weights] if engine == "torch" else [onnx, weights]
+    needs = [onnx] if engine == "onnx" else [weights] if engine.startswith("torch") else [onnx, weights]
     if not any(p.is_file() and p.stat().st_size > 0 for p in needs):
         raise CxrError(f"{model_dir}: no usable {' or '.join(p.name for p in needs)}")
     if engine == "onnx" or (engine == "auto" and onnx.is_file()):
@@ -331,7 +331,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
 
     from jobs.common import init_ray
 
-    started = init_ray()
+    started = init_ray(dashboard=False)  # a local screening run needs no dashboard: ~2 s and a CPU-hungry agent less
     try:
         _quiet_ray_data()
         res = ray.cluster_resources()

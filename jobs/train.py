@@ -8,6 +8,7 @@ lives in ``cxr.training`` (plain PyTorch, testable without Ray).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -29,12 +30,12 @@ from cxr.data import Sample, discover, fingerprint, split_by_patient
 from cxr.errors import CxrError
 from cxr.export import ModelMetadata, save_export
 from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivity
-from cxr.model import build_model
+from cxr.model import build_model, cpu_has_fast_bf16
 from cxr.preprocess import make_train_augment
 from cxr.screening import open_fs, uri_prefix
 from cxr.training import (
     DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
-    class_weights, cpu_has_fast_bf16, ema_avg_fn, load_images, predict, seed_everything, train_one_epoch,
+    class_weights, ema_avg_fn, load_images, predict, seed_everything, train_one_epoch,
 )
 from jobs.common import init_ray
 
@@ -74,6 +75,7 @@ def _val_metrics(probs: np.ndarray, targets: np.ndarray, classes: tuple[str, ...
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP rank: load its data, train, evaluate, report and checkpoint every epoch."""
     cfg = from_dict(TrainConfig, config["train"])
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.seed + rank)
@@ -170,6 +172,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 _say(f"early stop: val AUC has not improved for {since_best} epochs")
             break
+
+
+def _quiet_report_log() -> None:
+    """Drop Train V2's INFO line per ray.train.report (it dumps every metric of every rank each epoch).
+
+    That logger is named by its file path, so LoggingConfig(log_level) does not reach it.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: the line may print, nothing else changes
+        pass
 
 
 def _say(line: str) -> None:

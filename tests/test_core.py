@@ -252,6 +252,23 @@ def test_export_round_trip_and_tamper_detection(tmp_path: Path) -> None:
         read_metadata(tmp_path)
 
 
+def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
+    """ONNX Runtime and PyTorch fp32 agree to 1e-4; bf16 autocast stays within bf16 rounding."""
+    from cxr.engine import load_engine
+
+    torch.manual_seed(0)
+    save_export(tmp_path / "m", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
+    x = np.random.default_rng(0).standard_normal((3, 1, CFG.image_size, CFG.image_size), dtype=np.float32)
+    engines = {name: load_engine(tmp_path / "m", name) for name in ("onnx", "torch", "torch-bf16")}
+    assert {n: e.name for n, e in engines.items()} == {"onnx": "onnx", "torch": "torch", "torch-bf16": "torch-bf16"}
+    probs = {n: e.predict_proba(x) for n, e in engines.items()}
+    np.testing.assert_allclose(probs["torch"], probs["onnx"], atol=1e-4)
+    np.testing.assert_allclose(probs["torch-bf16"], probs["torch"], atol=3e-2)
+    assert not np.array_equal(probs["torch-bf16"], probs["torch"])  # autocast really ran in bf16
+    with pytest.raises(CxrError, match="unknown engine"):
+        load_engine(tmp_path / "m", "tensorrt")
+
+
 # ----------------------------------------------------------------- config and metrics
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cxr.config import ScreenConfig, save_json
+from cxr.config import ENGINE_HELP, ENGINES, ScreenConfig, save_json
 from cxr.errors import CxrError
 
 _D = ScreenConfig()
@@ -59,8 +59,7 @@ class _ProgressLine:
               help="Engine intra-op threads per actor; 0 = 1 (auto actors) or CPUs/actors (with --workers).")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=_D.gpus_per_worker, show_default=True,
               help="GPUs per inference actor (fractions share a GPU); 0 = CPU actors.")
-@click.option("--engine", type=click.Choice(["auto", "onnx", "torch"]), default=_D.engine, show_default=True,
-              help="auto = PyTorch (bf16, channels_last) on GPU, ONNX Runtime on CPU.")
+@click.option("--engine", type=click.Choice(ENGINES), default=_D.engine, show_default=True, help=ENGINE_HELP)
 @click.option("--report/--no-report", default=_D.report, show_default=True,
               help="Write OUTPUT/report (metrics.json, plots, report.html) when true labels are known.")
 @click.option("--metrics-file", default=None, metavar="PATH",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from cxr.config import AutoscalingConfig, ServeConfig
+from cxr.config import ENGINE_HELP, ENGINES, AutoscalingConfig, ServeConfig
 
 _DEFAULT = ServeConfig()
 _AUTO = AutoscalingConfig()
@@ -56,8 +56,7 @@ def build_config(**kw) -> ServeConfig:
               help="In-flight requests per replica.")
 @click.option("--max-queued-requests", type=int, default=_DEFAULT.max_queued_requests, show_default=True,
               help="Queued requests per proxy before answering 503 (overload).")
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]), default=_DEFAULT.engine, show_default=True,
-              help="auto = PyTorch on GPU, ONNX Runtime on CPU (the engine `cxr screen` uses).")
+@click.option("--engine", type=click.Choice(ENGINES), default=_DEFAULT.engine, show_default=True, help=ENGINE_HELP)
 @click.option("--max-body-mb", type=float, default=_DEFAULT.max_body_mb, show_default=True,
               help="Request body cap in MiB (413 above it).")
 @click.option("--request-timeout-s", type=float, default=_DEFAULT.request_timeout_s, show_default=True)
