@@ -2,8 +2,8 @@
 
 What it measures, on 127.0.0.1 against the real app (serve.runner.start, as `cxr serve`):
   1. requests/s and p50/p95/p99 latency at concurrency 1, 8, 32, with dynamic batching on
-     (max_batch_size 16) and off (max_batch_size 1), one fixed replica;
-  2. an autoscaling run (min 1, max 2 replicas): replicas go up under load and back down after.
+     (max_batch_size 16) and off (max_batch_size 1), one fixed replica (1 reserved CPU, --engine-threads = all cores);
+  2. an autoscaling run (min 1, max 2 replicas of 1 CPU): replicas go up under load and back down after.
 Every level is bounded by a request count AND a time limit; nothing runs unbounded.
 
 The model is an untrained ResNet-50 export at 224 px (speed does not depend on the
@@ -188,6 +188,9 @@ def main() -> None:
     ap.add_argument("--autoscale-seconds", type=float, default=45.0)
     ap.add_argument("--settle-seconds", type=float, default=90.0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 40 requests per level, no autoscaling")
+    ap.add_argument("--no-autoscale", action="store_true", help="skip the autoscaling run")
+    ap.add_argument("--engine-threads", type=int, default=os.cpu_count() or 1,
+                    help="engine threads of the fixed replica (`cxr serve --engine-threads`); default: all cores")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-serve.json"))
     args = ap.parse_args()
     if args.quick:
@@ -198,6 +201,7 @@ def main() -> None:
     os.environ.pop("RAY_ADDRESS", None)
     base = ServeConfig(model=str(model), port=runner.free_port(), metrics_port=runner.free_port(),
                        max_ongoing_requests=64, max_queued_requests=512, cpus_per_replica=1.0,
+                       engine_threads=args.engine_threads,
                        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1))
     results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                      "model": "resnet50 224px (untrained export)", "images": len(images),
@@ -213,9 +217,10 @@ def main() -> None:
                                          images, args.levels, args.requests, args.seconds)
         results["no_batching"] = run_levels(dataclasses.replace(base, max_batch_size=1, batch_wait_ms=0.0), url,
                                             images, args.levels, args.requests, args.seconds)
-        if not args.quick:
-            results["autoscaling_run"] = autoscaling_run(dataclasses.replace(base, max_batch_size=16), url, images,
-                                                         args.autoscale_seconds, args.settle_seconds)
+        if not args.quick and not args.no_autoscale:
+            # two replicas must fit the 2 CPUs: 1 CPU (and so 1 engine thread) each
+            two = dataclasses.replace(base, max_batch_size=16, engine_threads=1)  # 2 replicas x 1 thread on 2 cores
+            results["autoscaling_run"] = autoscaling_run(two, url, images, args.autoscale_seconds, args.settle_seconds)
     finally:
         runner.stop(started)
     results["wall_s"] = round(time.monotonic() - t_start, 1)

@@ -158,7 +158,7 @@ class ServeConfig:
     route_prefix: str = "/"
     app_name: str = "cxr"
     engine: EngineName = "auto"
-    engine_threads: int = 0  # intra-op threads of the engine; 0 = the engine's default
+    engine_threads: int = 0  # intra-op threads of the engine; 0 = cpus_per_replica (at least 1)
     preprocess_threads: int = 2  # decode+preprocess thread pool per replica (off the event loop)
     max_batch_size: int = 16  # @serve.batch; runtime-settable through user_config
     batch_wait_ms: float = 10.0

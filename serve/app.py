@@ -227,7 +227,10 @@ class CxrModel:
         model_dir = self.cfg.model or os.environ.get("CXR_MODEL", "")
         if not model_dir:
             raise CxrError("no model: set args.model in the Serve config (cxr serve --model) or $CXR_MODEL")
-        self.engine = load_engine(model_dir, self.cfg.engine, threads=self.cfg.engine_threads)
+        # threads = the CPUs Ray reserved for this replica, not Ray's OMP_NUM_THREADS=1 default nor every
+        # core of the node (ONNX Runtime's default): replicas sharing a node must not oversubscribe it
+        threads = self.cfg.engine_threads or max(1, round(self.cfg.cpus_per_replica))
+        self.engine = load_engine(model_dir, self.cfg.engine, threads=threads)
         self.meta = self.engine.meta
         self.classes = list(self.meta.classes)
         self.threshold = float(self.meta.threshold)

@@ -47,7 +47,11 @@ def build_config(**kw) -> ServeConfig:
               help="Autoscaling target: in-flight requests per replica.")
 @click.option("--gpus-per-replica", type=float, default=_DEFAULT.gpus_per_replica, show_default=True,
               help="GPUs per replica (fractional allowed, e.g. 0.5 packs two replicas per GPU).")
-@click.option("--cpus-per-replica", type=float, default=_DEFAULT.cpus_per_replica, show_default=True)
+@click.option("--cpus-per-replica", type=float, default=_DEFAULT.cpus_per_replica, show_default=True,
+              help="CPUs Ray reserves per replica (and the engine's threads unless --engine-threads).")
+@click.option("--engine-threads", type=click.IntRange(min=0), default=_DEFAULT.engine_threads, show_default=True,
+              help="Engine intra-op threads per replica; 0 = --cpus-per-replica. CPU serving with one replica: "
+                   "all the cores (e.g. 2 with the default 1 reserved CPU) batches best (BENCHMARKS.md).")
 @click.option("--max-batch-size", type=int, default=_DEFAULT.max_batch_size, show_default=True,
               help="Dynamic batching: most images per model forward (1 = no batching).")
 @click.option("--batch-wait-ms", type=float, default=_DEFAULT.batch_wait_ms, show_default=True,
