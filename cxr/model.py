@@ -91,7 +91,8 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX): bf16 autocast trains 2-3x and infers ~1.5x faster there."""
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX): bf16 autocast trains 2-3x faster there
+    and infers ~1.5x faster (BENCHMARKS.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
