@@ -283,6 +283,8 @@ class CxrModel:
         self.m_latency = m.Histogram("cxr_request_latency_ms", "End-to-end request latency in the replica (ms).",
                                      LATENCY_BUCKETS_MS, ("route",))
         self.m_batch = m.Histogram("cxr_batch_size", "Images per model forward (dynamic batching).", BATCH_BUCKETS)
+        self.m_forward = m.Histogram("cxr_forward_latency_ms", "Time of one model forward (a whole batch, ms).",
+                                     LATENCY_BUCKETS_MS)
         self.m_predictions = m.Counter("cxr_predictions_total", "Predicted labels.", ("label",))
         self.m_probability = m.Histogram("cxr_probability", "Predicted probability per class (drift watch).",
                                          PROBABILITY_BUCKETS, ("class_name",))
@@ -299,7 +301,9 @@ class CxrModel:
         self.m_batch.observe(len(inputs))
         loop = asyncio.get_running_loop()
         try:
+            t0 = time.perf_counter()
             probs = await loop.run_in_executor(self._infer_pool, self.engine.predict_proba, np.stack(inputs))
+            self.m_forward.observe((time.perf_counter() - t0) * 1000.0)
             if probs.shape != (len(inputs), len(self.classes)) or not np.all(np.isfinite(probs)):
                 raise RuntimeError(f"engine returned {probs.shape} with non-finite values or a wrong shape")
         except Exception as exc:

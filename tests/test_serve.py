@@ -358,6 +358,7 @@ def test_metrics_endpoint_shows_cxr_counters_moving(server, client, sample_image
     assert _total(text, "ray_cxr_errors_total", code="truncated") >= 1
     assert _total(text, "ray_cxr_predictions_total") > 0
     assert _total(text, "ray_cxr_batch_size_count") > 0 and _total(text, "ray_cxr_request_latency_ms_count") > 0
+    assert _total(text, "ray_cxr_forward_latency_ms_count") > 0
     assert _total(text, "ray_cxr_probability_count", class_name="pneumonia") > 0
     assert _total(text, "ray_cxr_model_info", model_id=read_metadata(tiny_model).model_id) >= 1
     assert re.search(r"^ray_serve_\w+", text, re.M), "Ray Serve's own series are missing"
