@@ -221,6 +221,10 @@ class CxrModel:
     """Replica: loads the export through ``cxr.engine.load_engine`` once and serves it."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        # Before torch loads its OpenMP runtime: idle engine threads sleep instead of spinning, so the
+        # decode threads and the HTTP path get the cores between forwards and batches fill
+        # (batching 1.45x -> 1.65-1.73x at concurrency 32 here; BENCHMARKS.md, Serving).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from cxr.engine import load_engine
 
         self.cfg = from_dict(ServeConfig, config)
