@@ -218,7 +218,6 @@ def main() -> None:
         results["no_batching"] = run_levels(dataclasses.replace(base, max_batch_size=1, batch_wait_ms=0.0), url,
                                             images, args.levels, args.requests, args.seconds)
         if not args.quick and not args.no_autoscale:
-            # two replicas must fit the 2 CPUs: 1 CPU (and so 1 engine thread) each
             two = dataclasses.replace(base, max_batch_size=16, engine_threads=1)  # 2 replicas x 1 thread on 2 cores
             results["autoscaling_run"] = autoscaling_run(two, url, images, args.autoscale_seconds, args.settle_seconds)
     finally:
