@@ -3,6 +3,10 @@
 The network takes one grayscale channel: ImageNet's RGB ``conv1`` is folded to
 one channel by summing over its input channels (as timm's ``adapt_input_conv``
 does), which is exact for a gray image replicated to RGB.
+
+torchvision is imported inside the functions that build the network: its
+import pulls in ``torch._dynamo`` (~2 s), which inference processes that load
+the TorchScript export (cxr.engine) never need.
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
-
 from cxr.errors import CxrError
 
 
@@ -24,6 +26,8 @@ def build_model(num_classes: int, pretrained: str = "none") -> nn.Module:
     from its cache, or a download where a network exists) or a path to a local
     state_dict (a torchvision-style ResNet-50 or one of our exports).
     """
+    from torchvision.models import resnet50
+
     model = resnet50(weights=None)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
@@ -34,6 +38,8 @@ def build_model(num_classes: int, pretrained: str = "none") -> nn.Module:
 
 def _pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
     if source == "imagenet":
+        from torchvision.models import ResNet50_Weights
+
         weights = ResNet50_Weights.IMAGENET1K_V2
         try:
             return weights.get_state_dict(progress=False, check_hash=True)
@@ -99,3 +105,9 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast, the one mixed-precision context of training, validation and the torch engines
+    (used on CUDA, and on CPUs where :func:`cpu_has_fast_bf16`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from cxr.config import PreprocessConfig, TrainConfig
 from cxr.errors import ImageError
+from cxr.model import autocast
 from cxr.preprocess import Augment, decode_image, to_model_input
 
 
@@ -150,11 +151,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return 1.0 if step < frozen else finetune(step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [head if g["part"] == "head" else backbone for g in optimizer.param_groups])
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast: on CUDA always when enabled; on CPU where it is natively fast (AVX512-BF16/AMX)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 class ProgressBar:
