@@ -7,11 +7,21 @@ PyTorch with bf16 autocast and channels_last on GPUs and on CPUs with native
 bf16 (1.4x ONNX Runtime at batch 16 on this AVX512-BF16 EPYC, and it gains
 from batching where ONNX Runtime does not); ONNX Runtime fp32 on other CPUs
 (~2x PyTorch eager fp32 there).
+
+The PyTorch engine runs the export's TorchScript graph. Loading it needs
+neither torchvision nor our model code: ~0.2 s instead of ~2 s, most of it
+torchvision's import of ``torch._dynamo``, paid by every screening actor and
+every new serving replica. ``torch.export`` would be the modern format, but
+``torch.export.load`` imports dynamo itself (~4 s here) and its graphs reject
+autocast. Without a usable TorchScript file (older exports, a future torch
+without ``torch.jit``) the engine builds the model from the weights instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -20,8 +30,8 @@ import torch
 from torch import nn
 
 from cxr.errors import CxrError
-from cxr.export import ONNX, ModelMetadata, load_export, read_metadata
-from cxr.model import cpu_has_fast_bf16
+from cxr.export import ONNX, TORCHSCRIPT, ModelMetadata, load_export, read_metadata
+from cxr.model import autocast, cpu_has_fast_bf16
 
 
 class Engine(Protocol):
@@ -46,7 +56,7 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path, atol: float
     """Export ``softmax(model(x))`` to ONNX with a dynamic batch and check it equals PyTorch."""
     wrapped = _Softmax(model.float().cpu()).eval()
     x = torch.randn(2, 1, image_size, image_size)
-    tmp = Path(str(path) + ".tmp")
+    tmp = _tmp_beside(path)
     torch.onnx.export(
         wrapped, (x,), str(tmp), input_names=["image"], output_names=["probs"],
         dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17, dynamo=False,
@@ -59,6 +69,43 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path, atol: float
         tmp.unlink(missing_ok=True)
         raise CxrError(f"ONNX export differs from PyTorch by {np.abs(ref - got).max():.2e} (> {atol})")
     os.replace(tmp, path)
+
+
+def export_torchscript(model: nn.Module, image_size: int, path: str | Path, model_id: str) -> None:
+    """Trace ``softmax(model(x))`` to TorchScript, tagged with ``model_id``, and check it equals PyTorch.
+
+    Checked at another batch size than the trace's, so the batch dimension is known to be free.
+    """
+    wrapped = _Softmax(model.float().cpu()).eval()
+    tmp = _tmp_beside(path)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit: see the module docstring
+        traced = torch.jit.trace(wrapped, torch.randn(2, 1, image_size, image_size))
+        torch.jit.save(traced, str(tmp), _extra_files={"model_id": model_id})
+        x = torch.randn(3, 1, image_size, image_size)
+        loaded = _load_torchscript(tmp, model_id, torch.device("cpu"))
+        if loaded is None or not torch.allclose(loaded(x), wrapped(x), atol=1e-6):
+            tmp.unlink(missing_ok=True)
+            raise CxrError("TorchScript export does not reload equal to PyTorch")
+    os.replace(tmp, path)
+
+
+def _load_torchscript(path: str | Path, model_id: str, device: torch.device) -> nn.Module | None:
+    """The traced model, or None when the file is missing, unreadable or traced from other weights."""
+    tag = {"model_id": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=tag)
+    except Exception:  # noqa: BLE001 - missing, truncated, or a torch without TorchScript
+        return None
+    tag_id = tag["model_id"].decode() if isinstance(tag["model_id"], bytes) else tag["model_id"]
+    return module.eval() if tag_id == model_id else None
+
+
+def _tmp_beside(path: str | Path) -> Path:
+    """A temporary name next to ``path``, unique per process: actors and replicas may build the same file at once."""
+    return Path(f"{path}.{os.getpid()}.tmp")
 
 
 def _ort_session(path: str | Path, threads: int, gpu: bool):
@@ -99,16 +146,25 @@ class TorchEngine:
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, bf16: bool | None = None) -> None:
-        model, self.meta = load_export(model_dir)
+        self.meta = read_metadata(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
         self.name = "torch-bf16" if self.bf16 else "torch"
-        self.model = _Softmax(model).to(self.device).to(memory_format=torch.channels_last).eval()
+        path = Path(model_dir) / TORCHSCRIPT
+        model = _load_torchscript(path, self.meta.model_id, self.device)
+        if model is None:  # an export without a (current) TorchScript graph: build it once, beside the weights
+            eager, self.meta = load_export(model_dir)
+            try:
+                export_torchscript(eager, self.meta.preprocess.image_size, path, self.meta.model_id)
+            except Exception as exc:  # noqa: BLE001 - read-only volume, no torch.jit: the eager model serves
+                logging.getLogger("cxr").warning("no TorchScript cache for %s (%s); using the weights", model_dir, exc)
+            model = _Softmax(eager).to(self.device).eval()
+        self.model = model.to(memory_format=torch.channels_last)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.inference_mode(), autocast(self.device, self.bf16):
             return self.model(x).float().cpu().numpy()
 
 

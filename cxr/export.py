@@ -1,4 +1,4 @@
-"""The exported model: a directory with weights, an ONNX graph and metadata.
+"""The exported model: a directory with weights, ONNX and TorchScript graphs, and metadata.
 
 ``save_export`` writes it and ``load_export`` reads it; nothing else touches
 the layout. ``model_id`` is the sha256 of the weights file, so screening rows
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 WEIGHTS = "weights.pt"
 ONNX = "model.onnx"
+TORCHSCRIPT = "model.ts"  # softmax(model(x)) traced: loads without torchvision (cxr.engine.TorchEngine)
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
 
@@ -79,8 +80,9 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, onnx: bool = True) -> ModelMetadata:
-    """Write weights, ONNX graph (checked against PyTorch) and metadata; returns the final metadata."""
+def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, graphs: bool = True) -> ModelMetadata:
+    """Write weights, metadata, and (``graphs``) the ONNX and TorchScript graphs the engines run, each
+    checked against PyTorch; returns the final metadata."""
     import torch
 
     from cxr.model import build_model
@@ -97,12 +99,13 @@ def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, on
         created_at=meta.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     (out / METADATA).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
-    if onnx:
-        from cxr.engine import export_onnx
+    if graphs:
+        from cxr.engine import export_onnx, export_torchscript
 
         cpu_model = build_model(len(meta.classes))
         cpu_model.load_state_dict(state)
         export_onnx(cpu_model, meta.preprocess.image_size, out / ONNX)
+        export_torchscript(cpu_model, meta.preprocess.image_size, out / TORCHSCRIPT, meta.model_id)
     return meta
 
 

@@ -236,7 +236,7 @@ def test_export_round_trip_and_tamper_detection(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(3).eval()
     meta = save_export(tmp_path / "m", model, ModelMetadata(classes=list(CLASSES["subtype"]), task="subtype",
-                                                            preprocess=CFG, threshold=0.3), onnx=False)
+                                                            preprocess=CFG, threshold=0.3), graphs=False)
     assert len(meta.model_id) == 64
     loaded, meta2 = load_export(tmp_path / "m")
     assert meta2.classes == ["normal", "bacteria", "virus"] and meta2.preprocess == CFG and meta2.threshold == 0.3
@@ -267,6 +267,39 @@ def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
     assert not np.array_equal(probs["torch-bf16"], probs["torch"])  # autocast really ran in bf16
     with pytest.raises(CxrError, match="unknown engine"):
         load_engine(tmp_path / "m", "tensorrt")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_torch_engine_runs_the_torchscript_graph_without_torchvision(tmp_path: Path) -> None:
+    """The export's TorchScript graph scores like the weights and loads without torchvision (fast actor
+    and replica start); a graph traced from other weights is replaced, not trusted."""
+    from cxr.engine import export_torchscript
+
+    torch.manual_seed(0)
+    model = build_model(2).eval()
+    meta = save_export(tmp_path / "m", model, ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
+    graph = tmp_path / "m" / "model.ts"
+    assert graph.is_file()
+    x = np.random.default_rng(1).standard_normal((5, 1, CFG.image_size, CFG.image_size), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np; from cxr.engine import load_engine; "
+              f"e = load_engine({str(tmp_path / 'm')!r}, 'torch'); "
+              f"np.save({str(tmp_path / 'p.npy')!r}, e.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))); "
+              "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
+
+    other = build_model(2).eval()  # different random weights, traced under this export's name
+    export_torchscript(other, CFG.image_size, graph, "another-model")
+    from cxr.engine import load_engine
+
+    np.testing.assert_allclose(load_engine(tmp_path / "m", "torch").predict_proba(x), expected, atol=1e-5)
+    tag = {"model_id": ""}
+    torch.jit.load(str(graph), _extra_files=tag)
+    assert tag["model_id"].decode() == meta.model_id  # rebuilt from the weights, beside them
 
 
 # ----------------------------------------------------------------- config and metrics
