@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -249,17 +250,17 @@ def _has_run(storage: str) -> bool:
     return fs.get_file_info(f"{root}/{RUN_NAME}").type != pafs.FileType.NotFound
 
 
-def complete_checkpoints(storage: str) -> list[str]:
+def complete_checkpoints(storage: str) -> Iterator[str]:
     """The run's complete checkpoints in ``storage``, newest first (a killed run may leave a partial one).
 
     Checkpoint folder names are timestamps, so name order is time order; a
-    checkpoint counts once its state file is a complete zip archive.
+    checkpoint counts once its state file is a complete zip archive. A generator:
+    ``--resume`` checks only as many (~400 MB each) as it needs.
     """
     fs, root = open_fs(storage)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{RUN_NAME}", allow_not_found=True))
     dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
                   reverse=True)
-    out = []
     for d in dirs:
         state = fs.get_file_info(f"{d}/{STATE_FILE}")
         if state.type != pafs.FileType.File or not state.size:
@@ -271,14 +272,12 @@ def complete_checkpoints(storage: str) -> list[str]:
                         continue
             except (zipfile.BadZipFile, OSError):
                 continue
-        out.append(uri_prefix(storage) + d)
-    return out
+        yield uri_prefix(storage) + d
 
 
 def latest_checkpoint(storage: str) -> str | None:
     """The newest complete checkpoint: where ``--resume`` continues from."""
-    found = complete_checkpoints(storage)
-    return found[0] if found else None
+    return next(complete_checkpoints(storage), None)
 
 
 def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, Any]:
@@ -361,20 +360,18 @@ def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], v
     fit's Result: after ``--resume`` the best epoch may predate the restart,
     and a resume of a finished run reports nothing new.
     """
-    found = complete_checkpoints(storage)
-    if not found:
-        raise CxrError(f"training produced no checkpoint in {storage}/{RUN_NAME}")
-    scores = []
-    for path in found:
-        state = _load_state(path)
+    best: dict[str, Any] | None = None
+    best_key: tuple[float, int] = (-math.inf, -1)
+    history: list[dict[str, Any]] | None = None
+    for path in complete_checkpoints(storage):  # newest first: its history covers every epoch
+        state = _load_state(path)  # memory-mapped: only the tensors used below are read
+        history = state["history"] if history is None else history
         epoch = state["epoch"]
-        auc = next((h["val_auc"] for h in state["history"] if h["epoch"] == epoch), -1.0)
-        scores.append(((auc, epoch), path))
-        del state
-    best_path = max(scores)[1]
-    latest_path = max(scores, key=lambda s: s[0][1])[1]
-    best = _load_state(best_path)
-    history = _load_state(latest_path)["history"]
+        key = (next((h["val_auc"] for h in state["history"] if h["epoch"] == epoch), -1.0), epoch)
+        if key > best_key:
+            best, best_key = state, key
+    if best is None or history is None:
+        raise CxrError(f"training produced no checkpoint in {storage}/{RUN_NAME}")
 
     model = build_model(len(cfg.classes))
     model.load_state_dict(best["model"])
