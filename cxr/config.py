@@ -140,7 +140,7 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 8.0  # per replica; ~ max_batch_size/2 keeps batches full without queueing
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
-    look_back_period_s: float = 10.0
+    look_back_period_s: float = 15.0  # > Ray's metrics push interval (10 s), which Ray will require
 
 
 @dataclass
