@@ -34,9 +34,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
         except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts
             raise CxrError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {_first_line(exc)}") from None
         return True
-    # Ray turns token auth on for a new local instance and warns on every start unless the mode is
-    # stated: state Ray's own default (RAY_AUTH_MODE=disabled from the user still opts out)
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if os.environ.get("CXR_RAY_TEMP_DIR"):
         kwargs["_temp_dir"] = os.environ["CXR_RAY_TEMP_DIR"]
     if metrics_export_port:
