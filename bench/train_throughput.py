@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from cxr.config import PreprocessConfig, TrainConfig, from_dict, to_dict  # noqa: E402
 from cxr.data import discover  # noqa: E402
-from cxr.model import build_model, cpu_has_fast_bf16  # noqa: E402
+from cxr.hardware import cpu_has_fast_bf16  # noqa: E402
+from cxr.model import build_model  # noqa: E402
 from cxr.preprocess import make_train_augment  # noqa: E402
 from cxr.training import (  # noqa: E402
     XrayDataset, build_optimizer, build_scheduler, load_images, train_one_epoch,

@@ -15,6 +15,10 @@ every new serving replica. ``torch.export`` would be the modern format, but
 ``torch.export.load`` imports dynamo itself (~4 s here) and its graphs reject
 autocast. Without a usable TorchScript file (older exports, a future torch
 without ``torch.jit``) the engine builds the model from the weights instead.
+
+The ONNX Runtime engine never imports torch (another ~2 s of CPU per actor):
+torch is imported inside the torch paths, and ``cxr.hardware`` probes the
+machine without it.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
 from cxr.errors import CxrError
 from cxr.export import ONNX, TORCHSCRIPT, ModelMetadata, load_export, read_metadata
-from cxr.model import autocast, cpu_has_fast_bf16
+from cxr.hardware import cpu_has_fast_bf16, cuda_available
+
+if TYPE_CHECKING:  # torch is imported where a torch path runs: ONNX Runtime processes never load it
+    import torch
+    from torch import nn
 
 
 class Engine(Protocol):
@@ -43,18 +49,13 @@ class Engine(Protocol):
         ...
 
 
-class _Softmax(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x).float(), dim=1)
-
-
 def export_onnx(model: nn.Module, image_size: int, path: str | Path, atol: float = 1e-4) -> None:
     """Export ``softmax(model(x))`` to ONNX with a dynamic batch and check it equals PyTorch."""
-    wrapped = _Softmax(model.float().cpu()).eval()
+    import torch
+
+    from cxr.model import Probabilities
+
+    wrapped = Probabilities(model.float().cpu()).eval()
     x = torch.randn(2, 1, image_size, image_size)
     tmp = _tmp_beside(path)
     torch.onnx.export(
@@ -76,7 +77,11 @@ def export_torchscript(model: nn.Module, image_size: int, path: str | Path, mode
 
     Checked at another batch size than the trace's, so the batch dimension is known to be free.
     """
-    wrapped = _Softmax(model.float().cpu()).eval()
+    import torch
+
+    from cxr.model import Probabilities
+
+    wrapped = Probabilities(model.float().cpu()).eval()
     tmp = _tmp_beside(path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit: see the module docstring
@@ -92,6 +97,8 @@ def export_torchscript(model: nn.Module, image_size: int, path: str | Path, mode
 
 def _load_torchscript(path: str | Path, model_id: str, device: torch.device) -> nn.Module | None:
     """The traced model, or None when the file is missing, unreadable or traced from other weights."""
+    import torch
+
     tag = {"model_id": ""}
     try:
         with warnings.catch_warnings():
@@ -131,7 +138,7 @@ class OnnxEngine:
         if not path.is_file():  # an export written without ONNX: build it once, beside the weights
             model, _ = load_export(model_dir)
             export_onnx(model, self.meta.preprocess.image_size, path)
-        self.session = _ort_session(path, threads, gpu=torch.cuda.is_available())
+        self.session = _ort_session(path, threads, gpu=cuda_available())
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -146,6 +153,10 @@ class TorchEngine:
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, bf16: bool | None = None) -> None:
+        import torch
+
+        from cxr.model import Probabilities
+
         self.meta = read_metadata(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
@@ -158,24 +169,49 @@ class TorchEngine:
                 export_torchscript(eager, self.meta.preprocess.image_size, path, self.meta.model_id)
             except Exception as exc:  # noqa: BLE001 - read-only volume, no torch.jit: the eager model serves
                 logging.getLogger("cxr").warning("no TorchScript cache for %s (%s); using the weights", model_dir, exc)
-            model = _Softmax(eager).to(self.device).eval()
+            model = Probabilities(eager).to(self.device).eval()
         self.model = model.to(memory_format=torch.channels_last)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        from cxr.model import autocast
+
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.bf16):
             return self.model(x).float().cpu().numpy()
 
 
+def resolve_backend(backend: str = "auto", gpu: bool | None = None) -> str:
+    """The engine ``auto`` stands for here: torch on a GPU, torch-bf16 on CPUs with native bf16, else onnx."""
+    if backend != "auto":
+        return backend
+    if gpu is None:
+        gpu = cuda_available()
+    return "torch" if gpu else "torch-bf16" if cpu_has_fast_bf16() else "onnx"
+
+
+def preferred_batch(backend: str, gpu: bool) -> int:
+    """Images per inference call where ``backend`` is fastest (bench/engine_speed.py, BENCHMARKS.md).
+
+    On CPUs bf16 kernels peak at 16 and slow down at 32; ONNX Runtime and fp32 PyTorch keep gaining up
+    to 32. On GPUs larger batches amortise the host-to-device copy and kernel launches.
+    """
+    if gpu:
+        return 64
+    return 16 if resolve_backend(backend, gpu=False) == "torch-bf16" else 32
+
+
 def load_engine(model_dir: str | Path, backend: str = "auto", threads: int = 0) -> Engine:
     """The engine screening and serving use (see the module docstring for what ``auto`` picks)."""
-    if backend == "auto":
-        backend = "torch" if torch.cuda.is_available() else "torch-bf16" if cpu_has_fast_bf16() else "onnx"
+    backend = resolve_backend(backend)
     if backend == "onnx":
         return OnnxEngine(model_dir, threads=threads)
     if backend in ("torch", "torch-bf16"):
         if threads:
+            import torch
+
             torch.set_num_threads(threads)
         return TorchEngine(model_dir, bf16=True if backend == "torch-bf16" else None)
     raise CxrError(f"unknown engine {backend!r} (auto, torch, torch-bf16, onnx)")

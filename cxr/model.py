@@ -96,18 +96,18 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
             p.requires_grad_(trainable)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX): bf16 autocast trains 2-3x faster there
-    and infers ~1.5x faster (BENCHMARKS.md)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+class Probabilities(nn.Module):
+    """``softmax(model(x))`` in fp32: what the exported graphs (ONNX, TorchScript) and the engines compute."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x).float(), dim=1)
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast, the one mixed-precision context of training, validation and the torch engines
-    (used on CUDA, and on CPUs where :func:`cpu_has_fast_bf16`)."""
+    (used on CUDA, and on CPUs where :func:`cxr.hardware.cpu_has_fast_bf16`)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

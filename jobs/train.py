@@ -31,7 +31,8 @@ from cxr.data import Sample, discover, fingerprint, split_by_patient
 from cxr.errors import CxrError
 from cxr.export import ModelMetadata, save_export
 from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivity
-from cxr.model import build_model, cpu_has_fast_bf16
+from cxr.hardware import cpu_has_fast_bf16
+from cxr.model import build_model
 from cxr.preprocess import make_train_augment
 from cxr.screening import open_fs, uri_prefix
 from cxr.training import (

@@ -302,6 +302,23 @@ def test_torch_engine_runs_the_torchscript_graph_without_torchvision(tmp_path: P
     assert tag["model_id"].decode() == meta.model_id  # rebuilt from the weights, beside them
 
 
+def test_onnx_engine_never_imports_torch(tmp_path: Path) -> None:
+    """Screening actors and replicas on ONNX Runtime skip torch's ~2 s import; `auto` still resolves."""
+    from cxr.engine import preferred_batch, resolve_backend
+
+    save_export(tmp_path / "m", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
+    script = ("import sys, numpy as np; from cxr.engine import load_engine, resolve_backend; "
+              f"e = load_engine({str(tmp_path / 'm')!r}, 'onnx', threads=1); "
+              f"p = e.predict_proba(np.zeros((2, 1, {CFG.image_size}, {CFG.image_size}), np.float32)); "
+              "resolve_backend('auto'); print(p.shape, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(2, 2) False"
+    assert resolve_backend("onnx") == "onnx" and resolve_backend("auto", gpu=True) == "torch"
+    assert resolve_backend("auto", gpu=False) in ("torch-bf16", "onnx")
+    assert preferred_batch("torch-bf16", gpu=False) == 16 and preferred_batch("onnx", gpu=False) == 32
+    assert preferred_batch("auto", gpu=True) == 64
+
+
 # ----------------------------------------------------------------- config and metrics
 
 
