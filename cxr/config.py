@@ -117,7 +117,7 @@ class ScreenConfig:
     limit: int | None = None
     force: bool = False
     fail_on_error: bool = False
-    batch_size: int = 16  # images per inference call: bf16 on CPU is fastest at 16 (bench/engine_speed.py)
+    batch_size: int = 0  # images per inference call; 0 = where the engine is fastest (cxr.engine.preferred_batch)
     workers: int = 0  # inference actors; 0 = as many as the cluster allows
     threads_per_worker: int = 0  # engine intra-op threads per actor; 0 = CPUs / actors
     gpus_per_worker: float = 0.0

@@ -329,6 +329,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
     import ray
     import ray.data
 
+    from cxr.engine import preferred_batch
     from jobs.common import init_ray
 
     started = init_ray(dashboard=False)  # a local screening run needs no dashboard: ~2 s and a CPU-hungry agent less
@@ -338,7 +339,8 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         topo = plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)))
         keys_ref = ray.put(keys) if keys.size else None
         items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size} for f in files]
-        blocks = max(1, math.ceil(len(items) / max(1, cfg.batch_size)))
+        batch = cfg.batch_size or preferred_batch(cfg.engine, gpu=topo.actor_gpus > 0)
+        blocks = max(1, math.ceil(len(items) / batch))
         # each actor costs seconds of start-up (torch, the engine): small jobs get fewer
         topo.actors = max(1, min(topo.actors, blocks // 4))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
@@ -348,7 +350,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
             fn_kwargs={"fs": None if local else fs, "pre": dataclasses.asdict(meta.preprocess), "done": keys_ref},
         )
         ds = ds.map_batches(
-            Scorer, batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
+            Scorer, batch_size=batch, batch_format="numpy", zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(size=topo.actors),
             fn_constructor_kwargs={"model_dir": str(Path(cfg.model).resolve()), "backend": cfg.engine,
                                    "threads": topo.threads},

@@ -51,8 +51,9 @@ class _ProgressLine:
               help="Rescore the selected files even if already done (new rows supersede old ones); on a folder "
                    "holding another model's results, remove them and take the folder over.")
 @click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file could not be scored (default: error rows, exit 0).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True,
-              help="Images per inference call.")
+@click.option("--batch-size", type=click.IntRange(min=0), default=_D.batch_size, show_default=True,
+              help="Images per inference call; 0 = where the engine is fastest: 16 for torch-bf16 on a CPU, "
+                   "32 for onnx and torch on a CPU, 64 on a GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=_D.workers, show_default=True,
               help="Inference actors; 0 = one per CPU (or per --gpus-per-worker share of the GPUs).")
 @click.option("--threads-per-worker", type=click.IntRange(min=0), default=_D.threads_per_worker, show_default=True,
