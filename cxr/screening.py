@@ -196,10 +196,17 @@ def done_keys(results: pa.Table, model_id: str) -> np.ndarray:
 
 
 def is_done(keys: np.ndarray, key: bytes) -> bool:
+    """Whether ``key`` is in the sorted ``done_keys`` array.
+
+    The probe goes through the array's own dtype: numpy's ``S16`` drops trailing NUL bytes when an
+    element is read back, so a raw 16-byte key ending in ``\\x00`` (1 in 256) would never compare equal
+    and that file would be rescored, and duplicated, on every run.
+    """
     if keys.size == 0:
         return False
-    i = int(np.searchsorted(keys, np.bytes_(key)))
-    return i < keys.size and keys[i] == key
+    probe = np.array(key, dtype=keys.dtype)
+    i = int(np.searchsorted(keys, probe))
+    return i < keys.size and keys[i] == probe[()]
 
 
 # --------------------------------------------------------------------------- reading results

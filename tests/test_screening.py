@@ -68,6 +68,19 @@ def test_resume_keys_are_per_path_and_content() -> None:
     assert not S.is_done(np.zeros(0, "S16"), S.resume_key("/a/x.jpeg", sha[0]))
 
 
+def test_resume_keys_ending_in_nul_are_found() -> None:
+    """numpy's S16 strips trailing NULs on read; 1 key in 256 ends in one (a kill -9 rerun once
+    rescored and duplicated such a row)."""
+    paths = [f"/archive/{i}.jpeg" for i in range(2000)]
+    keys = [S.resume_key(p, "ab" * 32) for p in paths]
+    assert any(k.endswith(b"\0") for k in keys)
+    t = pa.table({"path": paths, "sha256": ["ab" * 32] * len(paths), "model_id": ["m"] * len(paths),
+                  "error_code": [None] * len(paths)})
+    done = S.done_keys(t, "m")
+    assert all(S.is_done(done, k) for k in keys)
+    assert not S.is_done(done, S.resume_key("/archive/new.jpeg", "ab" * 32))
+
+
 def test_dedupe_keeps_the_newest_row_per_path() -> None:
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
     old = S.build_rows(_base(["p1", "p2"]), np.array([[0.9, 0.1], [0.9, 0.1]]), [True, True], CLASSES, 0.5, "m", "v",
