@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from cxr.errors import CxrError
 
 
