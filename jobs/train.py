@@ -353,6 +353,17 @@ def _load_state(path: str) -> dict[str, Any]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
 
 
+def checkpoint_rank(state: dict[str, Any]) -> tuple[float, int]:
+    """(val AUC, epoch) of a checkpoint state; the export takes the highest.
+
+    An AUC that is missing or NaN (a validation split holding one class) counts as -1, below every
+    real AUC: NaN compares false both ways and would otherwise rank no checkpoint at all.
+    """
+    epoch = state["epoch"]
+    auc = next((h["val_auc"] for h in state["history"] if h["epoch"] == epoch), math.nan)
+    return (-1.0 if math.isnan(auc) else float(auc), epoch)
+
+
 def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], val: list[Sample],
             seconds: float) -> dict[str, Any]:
     """Export the best checkpoint in ``storage`` (by val AUC, then epoch).
@@ -367,8 +378,7 @@ def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], v
     for path in complete_checkpoints(storage):  # newest first: its history covers every epoch
         state = _load_state(path)  # memory-mapped: only the tensors used below are read
         history = state["history"] if history is None else history
-        epoch = state["epoch"]
-        key = (next((h["val_auc"] for h in state["history"] if h["epoch"] == epoch), -1.0), epoch)
+        key = checkpoint_rank(state)
         if key > best_key:
             best, best_key = state, key
     if best is None or history is None:

@@ -19,6 +19,20 @@ from cxr.export import load_export, read_metadata
 from cxr.preprocess import preprocess
 
 CLI = [sys.executable, "-c", "from cxr.cli import main; main()"]
+
+
+def test_checkpoint_rank_orders_by_auc_then_epoch_and_ranks_nan_last() -> None:
+    """A one-class validation split gives NaN AUCs; the export must still pick a checkpoint (the newest)."""
+    from jobs.train import checkpoint_rank
+
+    def state(epoch: int, auc: float) -> dict:
+        return {"epoch": epoch, "history": [{"epoch": e, "val_auc": auc} for e in range(1, epoch + 1)]}
+
+    assert max([state(1, 0.9), state(2, 0.8)], key=checkpoint_rank)["epoch"] == 1
+    assert max([state(1, 0.9), state(2, 0.9)], key=checkpoint_rank)["epoch"] == 2
+    assert max([state(3, float("nan")), state(2, 0.5)], key=checkpoint_rank)["epoch"] == 2
+    assert checkpoint_rank(state(3, float("nan"))) == (-1.0, 3) > (-1.0, 2)
+    assert checkpoint_rank({"epoch": 4, "history": []}) == (-1.0, 4)
 TINY = ["--preset", "tiny", "--limit", "96", "--image-size", "32", "--batch-size", "8", "--workers", "2"]
 
 
