@@ -269,6 +269,18 @@ def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
         load_engine(tmp_path / "m", "tensorrt")
 
 
+def _score_in_fresh_process(model_dir: Path, backend: str, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, set[str]]:
+    """Load ``backend`` in a new interpreter (as an actor or replica does), score ``x`` and resolve ``auto``;
+    returns the probabilities and which of torch / torchvision that imported."""
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np; from cxr.engine import load_engine, resolve_backend; "
+              f"e = load_engine({str(model_dir)!r}, {backend!r}, threads=1); "
+              f"np.save({str(tmp_path / 'p.npy')!r}, e.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))); "
+              "resolve_backend('auto'); print(*(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    return np.load(tmp_path / "p.npy"), set(out.split())
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_torch_engine_runs_the_torchscript_graph_without_torchvision(tmp_path: Path) -> None:
     """The export's TorchScript graph scores like the weights and loads without torchvision (fast actor
@@ -281,16 +293,11 @@ def test_torch_engine_runs_the_torchscript_graph_without_torchvision(tmp_path: P
     graph = tmp_path / "m" / "model.ts"
     assert graph.is_file()
     x = np.random.default_rng(1).standard_normal((5, 1, CFG.image_size, CFG.image_size), dtype=np.float32)
-    np.save(tmp_path / "x.npy", x)
-    script = ("import sys, numpy as np; from cxr.engine import load_engine; "
-              f"e = load_engine({str(tmp_path / 'm')!r}, 'torch'); "
-              f"np.save({str(tmp_path / 'p.npy')!r}, e.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))); "
-              "print('torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    probs, imported = _score_in_fresh_process(tmp_path / "m", "torch", x, tmp_path)
+    assert "torchvision" not in imported
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
 
     other = build_model(2).eval()  # different random weights, traced under this export's name
     export_torchscript(other, CFG.image_size, graph, "another-model")
@@ -307,12 +314,9 @@ def test_onnx_engine_never_imports_torch(tmp_path: Path) -> None:
     from cxr.engine import preferred_batch, resolve_backend
 
     save_export(tmp_path / "m", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
-    script = ("import sys, numpy as np; from cxr.engine import load_engine, resolve_backend; "
-              f"e = load_engine({str(tmp_path / 'm')!r}, 'onnx', threads=1); "
-              f"p = e.predict_proba(np.zeros((2, 1, {CFG.image_size}, {CFG.image_size}), np.float32)); "
-              "resolve_backend('auto'); print(p.shape, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "(2, 2) False"
+    probs, imported = _score_in_fresh_process(tmp_path / "m", "onnx", np.zeros((2, 1, CFG.image_size, CFG.image_size),
+                                                                              np.float32), tmp_path)
+    assert probs.shape == (2, 2) and imported == set()
     assert resolve_backend("onnx") == "onnx" and resolve_backend("auto", gpu=True) == "torch"
     assert resolve_backend("auto", gpu=False) in ("torch-bf16", "onnx")
     assert preferred_batch("torch-bf16", gpu=False) == 16 and preferred_batch("onnx", gpu=False) == 32
