@@ -67,7 +67,7 @@ def engine_ceiling(model: Path, images: list[bytes], max_seconds: float = 10.0) 
     from cxr.preprocess import preprocess
 
     engine = load_engine(model)
-    x = np.stack([preprocess(b, engine.meta.preprocess).numpy() for b in images[:16]])
+    x = np.stack([preprocess(b, engine.meta.preprocess) for b in images[:16]])
     out = {"engine": engine.name}
     for bs in (1, 16):
         engine.predict_proba(x[:bs])  # warm-up

@@ -2,7 +2,12 @@
 
 Training, screening and serving all call :func:`preprocess` (training passes an
 ``augment`` callable in between, nothing else differs), so there is no
-train/serve skew by construction. ``tests/test_preprocess.py`` checks it.
+train/serve skew by construction. ``tests/test_core.py`` checks it.
+
+It needs no torch: PIL, numpy and pydicom only. Every Ray Data decode worker
+and serving replica runs it, and ``import torch`` costs ~3 s of CPU per
+process on the 2-core machines (BENCHMARKS.md). Only training's augmentation
+(:func:`make_train_augment`) uses torch, in processes that train anyway.
 """
 
 from __future__ import annotations
@@ -12,8 +17,6 @@ import warnings
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from cxr.config import AugmentConfig, PreprocessConfig
@@ -24,7 +27,8 @@ from cxr.errors import ImageError
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 
-Augment = Callable[[torch.Tensor, int], torch.Tensor]
+#: training augmentation: a 1xHxW float32 [0,1] image and the target size -> 1xSxS float32 [0,1]
+Augment = Callable[[np.ndarray, int], np.ndarray]
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -156,24 +160,28 @@ def apply_clahe(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return clahe.apply(u16).astype(np.float32) / 65535.0
 
 
-def resize_square(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a 1xHxW tensor to 1xSxS (squash, antialiased bilinear)."""
-    if t.shape[-2:] == (size, size):
-        return t
-    return F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize an HxW float32 image to SxS (squash, antialiased bilinear).
+
+    PIL's float resampling is the algorithm torch's ``interpolate(antialias=True)``
+    was ported from: the two agree within 1e-5 (tests/test_core.py).
+    """
+    if img.shape == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def to_model_input(img: np.ndarray, cfg: PreprocessConfig, augment: Augment | None = None) -> torch.Tensor:
-    """Decoded [0,1] image -> normalised 1xSxS float32 tensor (optionally augmented)."""
+def to_model_input(img: np.ndarray, cfg: PreprocessConfig, augment: Augment | None = None) -> np.ndarray:
+    """Decoded [0,1] image -> normalised 1xSxS float32 array (optionally augmented)."""
     if cfg.clahe:
         img = apply_clahe(img, cfg)
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
-    t = augment(t, cfg.image_size) if augment is not None else resize_square(t, cfg.image_size)
-    return (t - cfg.mean) / cfg.std
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    x = augment(img[None], cfg.image_size) if augment is not None else resize_square(img, cfg.image_size)[None]
+    return ((x - np.float32(cfg.mean)) / np.float32(cfg.std)).astype(np.float32, copy=False)
 
 
-def preprocess(data: bytes, cfg: PreprocessConfig, augment: Augment | None = None) -> torch.Tensor:
-    """THE preprocessing function: image bytes -> model input (1xSxS).
+def preprocess(data: bytes, cfg: PreprocessConfig, augment: Augment | None = None) -> np.ndarray:
+    """THE preprocessing function: image bytes -> model input (1xSxS float32).
 
     Raises :class:`ImageError` (typed ``code``) for unusable inputs.
     """
@@ -197,12 +205,14 @@ def image_size_of(data: bytes) -> tuple[int, int] | None:
 def make_train_augment(cfg: AugmentConfig) -> Augment:
     """Training augmentation: random resized crop, small affine, brightness/contrast.
 
-    Operates on the [0,1] 1xHxW tensor *inside* :func:`preprocess`, so the
+    Operates on the [0,1] 1xHxW image *inside* :func:`preprocess`, so the
     decode, CLAHE and normalisation steps stay shared with inference.
     """
+    import torch
     from torchvision.transforms import v2
 
-    def augment(t: torch.Tensor, size: int) -> torch.Tensor:
+    def augment(img: np.ndarray, size: int) -> np.ndarray:
+        t = torch.from_numpy(img)
         crop = v2.RandomResizedCrop(size, scale=(cfg.scale_min, 1.0), ratio=(cfg.ratio_min, cfg.ratio_max), antialias=True)
         t = crop(t)
         if cfg.rotate_deg or cfg.translate:
@@ -214,6 +224,6 @@ def make_train_augment(cfg: AugmentConfig) -> Augment:
             t = (t - t.mean()) * c + t.mean()
         if cfg.brightness:
             t = t * (1.0 + (torch.rand(()) * 2 - 1) * cfg.brightness)
-        return t.clamp_(0.0, 1.0)
+        return t.clamp_(0.0, 1.0).numpy()
 
     return augment

@@ -440,7 +440,7 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         if glob and not _matches(rel, glob):
             continue
         if PurePosixPath(fi.base_name).suffix.lower() not in IMAGE_SUFFIXES:
-            from cxr.preprocess import detect_format  # here, not above: it imports torch (~2 s)
+            from cxr.preprocess import detect_format  # here, not above: PIL is only needed for odd names
 
             try:
                 with fs.open_input_file(fi.path) as f:

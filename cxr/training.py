@@ -74,7 +74,7 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = decode_image(self.images.data[i], self.cfg.max_pixels)
-        return to_model_input(img, self.cfg, self.augment), self.images.targets[i]
+        return torch.from_numpy(to_model_input(img, self.cfg, self.augment)), self.images.targets[i]
 
 
 class DistributedBalancedSampler(Sampler[int]):

@@ -39,7 +39,7 @@ from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
 from cxr.errors import CxrError
 
-if TYPE_CHECKING:  # cxr.export imports torchvision: keep it out of the decode workers
+if TYPE_CHECKING:  # the decode workers need no model code
     from cxr.export import ModelMetadata
 
 ProgressFn = Callable[["Progress"], None]
@@ -102,12 +102,10 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
     fails because of one file.
     """
     import ray
-    import torch
 
     from cxr.errors import ImageError
     from cxr.preprocess import image_size_of, preprocess
 
-    torch.set_num_threads(1)
     cfg = PreprocessConfig(**pre)
     keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     size = cfg.image_size
@@ -127,7 +125,7 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
             if keys is not None and S.is_done(keys, S.resume_key(path, sha)):
                 continue
             try:
-                tensor = preprocess(data, cfg).numpy()
+                tensor = preprocess(data, cfg)
             except ImageError as exc:
                 code, msg = exc.code, str(exc)
             except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the job
@@ -341,7 +339,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size} for f in files]
         batch = cfg.batch_size or preferred_batch(cfg.engine, gpu=topo.actor_gpus > 0)
         blocks = max(1, math.ceil(len(items) / batch))
-        # each actor costs seconds of start-up (torch, the engine): small jobs get fewer
+        # each actor costs seconds of start-up (a worker process, Ray Data, the engine): small jobs get fewer
         topo.actors = max(1, min(topo.actors, blocks // 4))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         local = isinstance(fs, pafs.LocalFileSystem)

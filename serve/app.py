@@ -205,7 +205,7 @@ def _prep(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
     """THE preprocessing function, as the float32 1xSxS array the engine takes (runs in a thread)."""
     from cxr.preprocess import preprocess
 
-    return preprocess(data, cfg).numpy()
+    return preprocess(data, cfg)
 
 
 def _json_log_handler() -> logging.Handler:

@@ -47,7 +47,24 @@ def test_training_eval_path_equals_inference_path(sample_images: list[Path]) -> 
         train_tensor, _ = dataset[i]
         serve_tensor = preprocess(Path(p).read_bytes(), CFG)  # screen/serve path
         assert train_tensor.shape == (1, 64, 64)
-        assert torch.equal(train_tensor, serve_tensor)
+        assert np.array_equal(train_tensor.numpy(), serve_tensor)
+
+
+def test_resize_equals_torch_antialiased_bilinear() -> None:
+    """Preprocessing resizes with PIL (no torch in decode workers); it equals torch's antialiased
+    bilinear interpolate, which models trained before the switch saw, within 3e-5."""
+    import torch.nn.functional as F
+
+    from cxr.preprocess import resize_square
+
+    rng = np.random.default_rng(0)
+    for h, w, size in ((1000, 800, 224), (100, 120, 224), (300, 64, 64)):
+        img = rng.random((h, w), dtype=np.float32)
+        ref = F.interpolate(torch.from_numpy(img)[None, None], size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False)[0, 0].numpy()
+        got = resize_square(img, size)
+        assert got.shape == (size, size) and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=3e-5)
 
 
 def test_16bit_png_matches_8bit_source(sample_images: list[Path]) -> None:
@@ -270,10 +287,15 @@ def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
 
 
 def _score_in_fresh_process(model_dir: Path, backend: str, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, set[str]]:
-    """Load ``backend`` in a new interpreter (as an actor or replica does), score ``x`` and resolve ``auto``;
-    returns the probabilities and which of torch / torchvision that imported."""
+    """Preprocess an odd-sized PNG and load ``backend`` in a new interpreter (as a decode worker, an actor or a
+    replica does), score ``x`` and resolve ``auto``; returns the probabilities and which of torch /
+    torchvision that imported."""
     np.save(tmp_path / "x.npy", x)
+    png = tmp_path / "odd.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 70), dtype=np.uint8)).save(png)
     script = ("import sys, numpy as np; from cxr.engine import load_engine, resolve_backend; "
+              "from cxr.config import PreprocessConfig; from cxr.preprocess import preprocess; "
+              f"assert preprocess(open({str(png)!r}, 'rb').read(), PreprocessConfig(image_size=64)).shape == (1, 64, 64); "
               f"e = load_engine({str(model_dir)!r}, {backend!r}, threads=1); "
               f"np.save({str(tmp_path / 'p.npy')!r}, e.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))); "
               "resolve_backend('auto'); print(*(m for m in ('torch', 'torchvision') if m in sys.modules))")
@@ -310,7 +332,8 @@ def test_torch_engine_runs_the_torchscript_graph_without_torchvision(tmp_path: P
 
 
 def test_onnx_engine_never_imports_torch(tmp_path: Path) -> None:
-    """Screening actors and replicas on ONNX Runtime skip torch's ~2 s import; `auto` still resolves."""
+    """Decode workers, and screening actors and replicas on ONNX Runtime, skip torch's ~3 s import;
+    `auto` still resolves."""
     from cxr.engine import preferred_batch, resolve_backend
 
     save_export(tmp_path / "m", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))

@@ -110,7 +110,7 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     assert meta.classes == ["normal", "pneumonia"] and meta.preprocess.image_size == 32
     assert 0.0 <= meta.threshold <= 1.0 and meta.target_sensitivity == 0.98
     assert meta.val_metrics["n_val"] > 0 and meta.data_fingerprint
-    x = np.stack([preprocess(p.read_bytes(), meta.preprocess).numpy() for p in sample_images])
+    x = np.stack([preprocess(p.read_bytes(), meta.preprocess) for p in sample_images])
     torch_p = load_engine(out / "model", "torch").predict_proba(x)
     onnx_p = load_engine(out / "model", "onnx").predict_proba(x)
     np.testing.assert_allclose(torch_p.sum(1), 1.0, atol=1e-5)
