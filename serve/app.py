@@ -43,9 +43,10 @@ from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxr import __version__
-from cxr.config import PreprocessConfig, ServeConfig, from_dict
+from cxr.config import ServeConfig, from_dict
 from cxr.errors import CxrError, ImageError
 from cxr.metrics import decide, pneumonia_score
+from cxr.preprocess import preprocess  # torch-free: cheap to import in every Serve process
 from serve.schema import DEPLOYMENT_NAME, app_args, deployment_options
 
 #: HTTP status per ImageError.code (documented in serve/README.md)
@@ -201,13 +202,6 @@ def image_parts(parts: list[tuple[str | None, str | None, bytes]]) -> list[tuple
     return [(filename, data) for name, filename, data in parts if filename is not None or name in FILE_FIELDS]
 
 
-def _prep(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
-    """THE preprocessing function, as the float32 1xSxS array the engine takes (runs in a thread)."""
-    from cxr.preprocess import preprocess
-
-    return preprocess(data, cfg)
-
-
 def _json_log_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -320,7 +314,7 @@ class CxrModel:
 
     async def _probs(self, data: bytes) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        x = await loop.run_in_executor(self._pre_pool, _prep, data, self.meta.preprocess)
+        x = await loop.run_in_executor(self._pre_pool, preprocess, data, self.meta.preprocess)  # THE preprocessing
         return await self._infer(x)
 
     def _answer(self, probs: np.ndarray) -> dict[str, Any]:
