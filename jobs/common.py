@@ -34,6 +34,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
         except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts
             raise CxrError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {_first_line(exc)}") from None
         return True
+    _quiet_default_auth_notice()
     if os.environ.get("CXR_RAY_TEMP_DIR"):
         kwargs["_temp_dir"] = os.environ["CXR_RAY_TEMP_DIR"]
     if metrics_export_port:
@@ -52,6 +53,22 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
             logging.getLogger("cxr").warning("Ray did not start (%s); retrying", _first_line(exc)[:120])
             time.sleep(2.0)
     return False
+
+
+def _drop_default_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_default_auth_notice() -> None:
+    """Hide Ray's notice that a new local instance uses token authentication (its default) on every run.
+
+    Only that notice: the warning that authentication is *disabled* still shows. Setting
+    RAY_AUTH_MODE=token ourselves would say the same without a filter, but Ray reads it when
+    imported, and the driver then fails to authenticate to its own instance.
+    """
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _drop_default_auth_notice not in log.filters:
+        log.addFilter(_drop_default_auth_notice)
 
 
 def _first_line(exc: BaseException) -> str:

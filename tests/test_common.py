@@ -1,0 +1,27 @@
+"""jobs.common: the Ray plumbing shared by the jobs and Serve (no Ray instance needed here)."""
+
+from __future__ import annotations
+
+import logging
+
+from ray._private.authentication import authentication_token_setup as auth
+
+from jobs.common import _quiet_default_auth_notice
+
+
+def test_only_the_default_token_auth_notice_is_hidden() -> None:
+    """Ray's own warning functions: if Ray rewords the notice, this fails and the filter needs updating."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger(auth.__name__)
+    log.addHandler(handler)
+    try:
+        _quiet_default_auth_notice()
+        _quiet_default_auth_notice()  # idempotent: one filter however often Ray is started
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+    finally:
+        log.removeHandler(handler)
+    assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled")
+    assert len(log.filters) == 1
