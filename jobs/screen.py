@@ -51,6 +51,7 @@ class Progress:
     total: int
     errors: int
     elapsed_s: float
+    stage: str = ""  # before the first rows land: what the run is waiting for (Ray, the actors)
 
     @property
     def rate(self) -> float:
@@ -327,9 +328,17 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
     import ray
     import ray.data
 
-    from cxr.engine import preferred_batch
+    from cxr.engine import preferred_batch, resolve_backend
     from jobs.common import init_ray
 
+    def report(stage: str = "") -> None:
+        if on_progress:
+            on_progress(Progress(stats.rows, len(files), stats.errors, time.perf_counter() - t0, stage))
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        report(f"connecting to the Ray cluster at {address}" if address and address != "local"
+               else "starting a local Ray instance")
     started = init_ray(dashboard=False)  # a local screening run needs no dashboard: ~2 s and a CPU-hungry agent less
     try:
         _quiet_ray_data()
@@ -341,6 +350,9 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         blocks = max(1, math.ceil(len(items) / batch))
         # each actor costs seconds of start-up (a worker process, Ray Data, the engine): small jobs get fewer
         topo.actors = max(1, min(topo.actors, blocks // 4))
+        engine = resolve_backend(cfg.engine, gpu=topo.actor_gpus > 0)  # as preferred_batch sees it
+        report(f"starting {topo.actors} scoring actor(s): {engine} engine, {topo.threads} thread(s) each, "
+               f"batch {batch}" + (f", {topo.actor_gpus:g} GPU each" if topo.actor_gpus else ""))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         local = isinstance(fs, pafs.LocalFileSystem)
         ds = ds.map_batches(
@@ -362,8 +374,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
                 block = labels.apply(block)
                 writer.add(block)
                 stats.add(block, normal)
-                if on_progress:
-                    on_progress(Progress(stats.rows, len(files), stats.errors, time.perf_counter() - t0))
+                report()
             writer.flush()
         except CxrError:
             writer.flush()

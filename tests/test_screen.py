@@ -248,9 +248,12 @@ def test_rerun_scores_only_new_or_changed_files(screened, data_dir) -> None:
 
 def test_fail_on_error_exits_non_zero(screened, tmp_path) -> None:
     res = invoke("screen", str(screened["archive"]), "--model", str(screened["model"]), "--output",
-                 str(tmp_path / "o"), "--glob", "bad-*", "--fail-on-error", "-q", "--no-report")
+                 str(tmp_path / "o"), "--glob", "bad-*", "--fail-on-error", "--no-report")
     assert res.exit_code == 1
     assert "6 file(s) could not be scored" in res.output
+    # progress (not a terminal: one line per event): what start-up waits for, then the rows
+    assert "screen: 6 files  starting 1 scoring actor(s): " in res.output
+    assert "screen: 6/6 new rows (100% of files)" in res.output and "errors 6" in res.output
     assert S.read_results(str(tmp_path / "o")).num_rows == len(BAD)
 
 

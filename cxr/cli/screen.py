@@ -24,11 +24,14 @@ class _ProgressLine:
 
     def __call__(self, p) -> None:  # p: jobs.screen.Progress
         now = time.monotonic()
-        if now - self.last < self.every and p.done < p.total:
+        if not p.stage and now - self.last < self.every and p.done < p.total:
             return
         self.last = now
-        line = (f"screen: {p.done}/{p.total} new rows ({p.done / max(1, p.total):.0%} of files)  "
-                f"{p.rate:.1f} rows/s  errors {p.errors}  {p.elapsed_s:.0f}s")
+        if p.stage:  # start-up: say what the run waits for, so ~15 s of silence does not look like a hang
+            line = f"screen: {p.total} files  {p.stage}  {p.elapsed_s:.0f}s"
+        else:
+            line = (f"screen: {p.done}/{p.total} new rows ({p.done / max(1, p.total):.0%} of files)  "
+                    f"{p.rate:.1f} rows/s  errors {p.errors}  {p.elapsed_s:.0f}s")
         click.echo(("\r" + line + "\033[K") if self.tty else line, err=True, nl=not self.tty)
 
     def close(self) -> None:
