@@ -27,8 +27,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
         return False
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver,
                               "logging_level": logging.WARNING if quiet else logging.INFO}
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address != "local":  # "local" = a new local instance: started below, with our options
+    address = cluster_address()
+    if address:
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts
@@ -53,6 +53,15 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
             logging.getLogger("cxr").warning("Ray did not start (%s); retrying", _first_line(exc)[:120])
             time.sleep(2.0)
     return False
+
+
+def cluster_address() -> str | None:
+    """The Ray cluster RAY_ADDRESS names, or None for a new local instance (unset, or "local").
+
+    ``RAY_ADDRESS=local`` asks for a fresh local instance started with our options (benchmarks use it).
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    return address if address and address != "local" else None
 
 
 def _drop_default_auth_notice(record: logging.LogRecord) -> bool:

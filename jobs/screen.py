@@ -329,16 +329,15 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
     import ray.data
 
     from cxr.engine import preferred_batch, resolve_backend
-    from jobs.common import init_ray
+    from jobs.common import cluster_address, init_ray
 
     def report(stage: str = "") -> None:
         if on_progress:
             on_progress(Progress(stats.rows, len(files), stats.errors, time.perf_counter() - t0, stage))
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        report(f"connecting to the Ray cluster at {address}" if address and address != "local"
-               else "starting a local Ray instance")
+        address = cluster_address()
+        report(f"connecting to the Ray cluster at {address}" if address else "starting a local Ray instance")
     started = init_ray(dashboard=False)  # a local screening run needs no dashboard: ~2 s and a CPU-hungry agent less
     try:
         _quiet_ray_data()

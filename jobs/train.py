@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from cxr.training import (
     DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
     class_weights, ema_avg_fn, load_images, predict, seed_everything, train_one_epoch,
 )
-from jobs.common import init_ray
+from jobs.common import cluster_address, init_ray
 
 RUN_NAME = "train"
 STATE_FILE = "state.pt"
@@ -231,7 +230,7 @@ def _limit(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
 
 def _check_resources(cfg: TrainConfig) -> None:
     """More workers than the cluster has would hang waiting for resources: fail fast instead."""
-    if os.environ.get("RAY_ADDRESS"):
+    if cluster_address():
         return  # a remote cluster may autoscale up to the request
     res = ray.cluster_resources()
     need_cpu, need_gpu = cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus

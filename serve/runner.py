@@ -7,7 +7,6 @@ deploys (same builder, same options, same HTTP options).
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -64,7 +63,9 @@ def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_inter
 
     if ray.is_initialized():
         return False, None
-    if os.environ.get("RAY_ADDRESS"):
+    from jobs.common import cluster_address
+
+    if cluster_address():
         from jobs.common import init_ray as connect
 
         connect(quiet=quiet)
@@ -115,10 +116,11 @@ def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval
           quiet: bool = True, log_to_driver: bool = True) -> Started:
     """Ray (local or cluster) + Serve + the app. On failure, stops what it started."""
     from cxr.export import read_metadata
+    from jobs.common import cluster_address
 
     if cfg.model:
         read_metadata(cfg.model)  # a clear CxrError now rather than a replica crash loop later
-    if os.environ.get("RAY_ADDRESS") is None and not port_free(cfg.host, cfg.port):
+    if cluster_address() is None and not port_free(cfg.host, cfg.port):
         raise CxrError(f"port {cfg.port} on {cfg.host} is in use; pick another with --port")
     started_ray, metrics_port = init_ray(cfg, num_cpus, metrics_report_interval_ms, quiet, log_to_driver)
     handle = Started(cfg, started_ray, metrics_port)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from ray._private.authentication import authentication_token_setup as auth
 
-from jobs.common import _quiet_default_auth_notice
+from jobs.common import _quiet_default_auth_notice, cluster_address
 
 
 def test_only_the_default_token_auth_notice_is_hidden() -> None:
@@ -25,3 +27,14 @@ def test_only_the_default_token_auth_notice_is_hidden() -> None:
         log.removeHandler(handler)
     assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled")
     assert len(log.filters) == 1
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, None), ("", None), ("local", None),
+                                               ("auto", "auto"), ("ray://head:10001", "ray://head:10001")])
+def test_ray_address_local_means_a_new_local_instance(monkeypatch, env, expected) -> None:
+    """One reading of RAY_ADDRESS for screen, train and serve: "local" starts our own instance."""
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    assert cluster_address() == expected
