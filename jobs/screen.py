@@ -345,11 +345,11 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         topo = plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)))
         keys_ref = ray.put(keys) if keys.size else None
         items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size} for f in files]
-        batch = cfg.batch_size or preferred_batch(cfg.engine, gpu=topo.actor_gpus > 0)
+        engine = resolve_backend(cfg.engine, gpu=topo.actor_gpus > 0)
+        batch = cfg.batch_size or preferred_batch(engine, gpu=topo.actor_gpus > 0)
         blocks = max(1, math.ceil(len(items) / batch))
         # each actor costs seconds of start-up (a worker process, Ray Data, the engine): small jobs get fewer
         topo.actors = max(1, min(topo.actors, blocks // 4))
-        engine = resolve_backend(cfg.engine, gpu=topo.actor_gpus > 0)  # as preferred_batch sees it
         report(f"starting {topo.actors} scoring actor(s): {engine} engine, {topo.threads} thread(s) each, "
                f"batch {batch}" + (f", {topo.actor_gpus:g} GPU each" if topo.actor_gpus else ""))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
