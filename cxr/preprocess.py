@@ -62,6 +62,19 @@ def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> 
     goes through its modality/VOI LUTs. Raises :class:`ImageError` with a typed
     code for anything that is not a usable image.
     """
+    try:
+        img = _decode(data, max_pixels)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a PIL mode with no grey conversion (LAB), a bad DICOM LUT
+        raise ImageError("corrupt", f"image could not be converted to grey levels: {type(exc).__name__}: {exc}") from None
+    if not np.isfinite(img).all():  # a float TIFF with inf/NaN pixels, a DICOM rescale to infinity
+        raise ImageError("corrupt", "image has non-finite pixel values (NaN or infinity)")
+    return img
+
+
+def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """decode_image's work; anything it raises other than an ImageError is a decoder's surprise."""
     if not data:
         raise ImageError("empty", "empty input (0 bytes)")
     kind = detect_format(data)
@@ -106,7 +119,8 @@ def _to_unit_gray(img: Image.Image) -> np.ndarray:
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        with np.errstate(invalid="ignore"):  # inf pixels give NaN here, which decode_image refuses
+            return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     if mode != "L":
         img = img.convert("L")  # RGB/RGBA/LA/P/CMYK/YCbCr/1 -> ITU-R 601 luma, alpha dropped
     return np.asarray(img, dtype=np.float32) / 255.0
@@ -122,9 +136,15 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("dicom_invalid", f"DICOM could not be parsed: {exc}") from None
     if "PixelData" not in ds:
         raise ImageError("dicom_invalid", "DICOM has no pixel data")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    try:
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise ImageError("dicom_invalid", f"DICOM image size is unreadable: {exc}") from None
     if rows * cols > max_pixels:
         raise ImageError("too_large", f"{cols}x{rows} = {rows * cols} pixels exceeds the cap of {max_pixels}")
+    if frames > 1:  # checked before pixel_array, which would decode every frame first
+        raise ImageError("unsupported", f"multi-frame DICOM ({frames} frames) is not supported")
     try:
         raw = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
@@ -135,9 +155,14 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raw = raw[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     elif raw.ndim != 2:
         raise ImageError("unsupported", f"DICOM with {raw.ndim} dimensions (multi-frame?) is not supported")
-    arr = apply_modality_lut(raw, ds).astype(np.float64)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        arr = apply_voi_lut(arr, ds).astype(np.float64)
+    try:
+        arr = apply_modality_lut(raw, ds).astype(np.float64)
+        windowed = "WindowCenter" in ds and "WindowWidth" in ds
+        if windowed:
+            arr = apply_voi_lut(arr, ds).astype(np.float64)
+    except Exception as exc:  # noqa: BLE001 - e.g. WindowWidth 0, a LUT that does not fit the data
+        raise ImageError("dicom_invalid", f"DICOM LUT could not be applied: {exc}") from None
+    if windowed:
         lo, hi = float(arr.min()), float(arr.max())
     else:  # scale by the stored bit depth, so a 16-bit copy of an 8-bit image scores the same
         bits = int(ds.get("BitsStored", 16))
