@@ -205,6 +205,15 @@ def to_model_input(img: np.ndarray, cfg: PreprocessConfig, augment: Augment | No
     return ((x - np.float32(cfg.mean)) / np.float32(cfg.std)).astype(np.float32, copy=False)
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file worth reading as one image: 8 bytes per pixel of the pixel cap (at least 64 MiB).
+
+    That fits any uncompressed 16-bit RGBA image within the cap; a bigger file is not an
+    X-ray, and reading it whole could exhaust a worker's memory before any decoder sees it.
+    """
+    return max(64 << 20, 8 * int(max_pixels))
+
+
 def preprocess(data: bytes, cfg: PreprocessConfig, augment: Augment | None = None) -> np.ndarray:
     """THE preprocessing function: image bytes -> model input (1xSxS float32).
 

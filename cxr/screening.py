@@ -52,6 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -179,14 +180,17 @@ def resume_key(path: str, sha256: str) -> bytes:
 
 
 def done_keys(results: pa.Table, model_id: str) -> np.ndarray:
-    """Sorted ``S16`` array of resume keys already scored by ``model_id``.
+    """Sorted ``S16`` array of resume keys whose *current* row (newest per path) ``model_id`` scored.
 
-    A sorted fixed-width array (not a Python set) so workers can share it
-    zero-copy through Ray's object store and test membership with a binary search.
+    Only the newest row of each path counts: a file whose latest row is a retryable
+    error, or whose content came back to an earlier version, is scored again even
+    though an older row once held that key. ``results`` needs path, sha256, model_id,
+    error_code and scored_at. A sorted fixed-width array (not a Python set) so workers
+    can share it zero-copy through Ray's object store and test membership with a binary search.
     """
     if results.num_rows == 0:
         return np.zeros(0, dtype="S16")
-    t = results.select(["path", "sha256", "model_id", "error_code"]).to_pydict()
+    t = dedupe_latest(results).select(["path", "sha256", "model_id", "error_code"]).to_pydict()
     keys = {
         resume_key(p, s)
         for p, s, m, e in zip(t["path"], t["sha256"], t["model_id"], t["error_code"])
@@ -213,19 +217,27 @@ def is_done(keys: np.ndarray, key: bytes) -> bool:
 
 
 def dedupe_latest(table: pa.Table) -> pa.Table:
-    """One row per path: the newest by ``scored_at`` (later rows win ties)."""
+    """One row per path: the newest by ``scored_at`` (later rows win ties).
+
+    Sorted by Arrow itself: no Python object per row and no fixed-width copy of the
+    paths (a numpy ``str`` array is rows x longest path x 4 bytes).
+    """
     n = table.num_rows
     if n == 0:
         return table
-    paths = np.asarray(table.column("path").to_pylist(), dtype=object)
-    when = table.column("scored_at").cast(pa.int64()).fill_null(-(2**62)).to_numpy()
-    order = np.arange(n)
-    # lexsort: last key is primary -> path asc, then newest first, then later row first
-    idx = np.lexsort((-order, -when, paths.astype(str)))
-    sorted_paths = paths[idx]
+    when = (table.column("scored_at").cast(pa.int64()).fill_null(-(2**62)) if "scored_at" in table.column_names
+            else pa.array(np.zeros(n, np.int64)))  # no times: the later row wins
+    keys = pa.table({
+        "path": table.column("path"),
+        "when": when,
+        "row": pa.array(np.arange(n)),
+    })
+    idx = pc.sort_indices(keys, sort_keys=[("path", "ascending"), ("when", "descending"), ("row", "descending")])
+    paths = keys.column("path").take(idx)
     first = np.ones(n, dtype=bool)
-    first[1:] = sorted_paths[1:] != sorted_paths[:-1]
-    return table.take(pa.array(np.sort(idx[first])))
+    if n > 1:
+        first[1:] = pc.not_equal(paths.slice(1), paths.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return table.take(pa.array(np.sort(idx.to_numpy()[first])))
 
 
 def open_fs(location: str) -> tuple[pafs.FileSystem, str]:
@@ -432,8 +444,9 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         base = root
     excluded = [e.rstrip("/") + "/" for e in exclude]
     files: list[InputFile] = []
-    ignored = 0
-    for fi in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+    named, bad_names = _decodable(i for i in infos if i.type == pafs.FileType.File)
+    ignored = bad_names
+    for fi in sorted(named, key=lambda i: i.path):
         if any(fi.path.startswith(e) for e in excluded):
             continue
         rel = fi.path[len(base):].lstrip("/")
@@ -456,42 +469,80 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
     return files, fs, ignored
 
 
+def _decodable(infos: Iterable[pafs.FileInfo]) -> tuple[list[pafs.FileInfo], int]:
+    """The files whose names are text, and how many are not (bytes that are not UTF-8).
+
+    Arrow cannot name such a file (``FileInfo.path`` raises), so it cannot be read or
+    given a row; it is counted with the ignored files and named in one warning instead
+    of ending the listing with a traceback.
+    """
+    ok: list[pafs.FileInfo] = []
+    bad = 0
+    for info in infos:
+        try:
+            info.path
+        except UnicodeDecodeError:
+            bad += 1
+            continue
+        ok.append(info)
+    if bad:
+        import logging
+
+        logging.getLogger("cxr").warning(
+            "warning: %d file name(s) in the archive are not valid UTF-8 and were skipped; rename them to screen them",
+            bad)
+    return ok, bad
+
+
 # --------------------------------------------------------------------------- labels
 
 
 @dataclass
 class LabelIndex:
-    """Ground truth for result rows: by path, then by content hash, then by folder name."""
+    """Ground truth for result rows: a manifest's, by path then by content hash; else the label a
+    row already holds; else, while screening, the archive's NORMAL/PNEUMONIA folder names."""
 
     by_path: dict[str, str] = field(default_factory=dict)
     by_sha: dict[str, str] = field(default_factory=dict)
-    from_folders: bool = True
+    #: folder labels are read below this folder (its own name included) and nowhere else, so a bucket
+    #: or a parent folder that happens to be called "normal" labels nothing; None: no folder labels
+    folder_root: str | None = None
 
     def lookup(self, path: str, sha256: str | None) -> str | None:
+        """The manifest's label, else the folder's (under ``folder_root``), else None."""
+        return self.from_manifest(path, sha256) or self.from_folder(path)
+
+    def from_manifest(self, path: str, sha256: str | None) -> str | None:
         if path in self.by_path:
             return self.by_path[path]
-        if sha256 and sha256 in self.by_sha:
-            return self.by_sha[sha256]
-        return label_from_path(path) if self.from_folders else None
+        return self.by_sha.get(sha256) if sha256 else None
+
+    def from_folder(self, path: str) -> str | None:
+        root = self.folder_root
+        if root is None or not path.startswith(root.rstrip("/") + "/"):
+            return None
+        return label_from_path(PurePosixPath(root).name + path[len(root.rstrip("/")):])
 
     def apply(self, table: pa.Table) -> pa.Table:
-        """Fill ``true_label`` (rows that already have one keep it unless the index knows better)."""
+        """Fill ``true_label``: the manifest wins, then a label the row already has, then the folder name."""
         paths = table.column("path").to_pylist()
         shas = table.column("sha256").to_pylist()
         old = table.column("true_label").to_pylist() if "true_label" in table.column_names else [None] * len(paths)
-        new = [self.lookup(p, s) or o for p, s, o in zip(paths, shas, old)]
+        new = [self.from_manifest(p, s) or o or self.from_folder(p) for p, s, o in zip(paths, shas, old)]
         idx = table.schema.get_field_index("true_label")
         col = pa.array(new, pa.string())
         return table.set_column(idx, "true_label", col) if idx >= 0 else table.append_column("true_label", col)
 
 
-def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneumonia")) -> LabelIndex:
+def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneumonia"),
+                folder_root: str | None = None) -> LabelIndex:
     """Labels from a manifest (CSV/Parquet: path,label[,subtype,sha256]; paths relative to it).
 
     For a subtype model (classes include bacteria/virus) the manifest's subtype
     is the true label, so it is comparable with the predicted ``label``.
+    ``folder_root`` (the archive being screened) also allows labels from folder names under it.
     """
-    index = LabelIndex()
+    index = LabelIndex(folder_root=folder_root)
     if not manifest:
         return index
     path = Path(os.path.expanduser(manifest))
@@ -503,8 +554,9 @@ def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneum
     subtype_model = "bacteria" in classes or "virus" in classes
     for i, row in enumerate(rows):
         label = normalise_label(row["label"], f"{manifest}:{i + 2}")
-        if subtype_model and row.get("subtype"):
-            label = row["subtype"].strip().lower()
+        subtype = (row.get("subtype") or "").strip().lower()
+        if subtype_model and subtype in classes:  # "unknown" or a misspelling keeps the binary label
+            label = subtype
         p = row["path"]
         full = p if "://" in p else str((path.parent / p).resolve())
         index.by_path[full] = label

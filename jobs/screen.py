@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -85,12 +85,22 @@ class RunStats:
 # --------------------------------------------------------------------------- worker side
 
 
+def _open(fs: pafs.FileSystem | None, fs_path: str) -> Any:
+    # local: plain open() is the fastest path and handles any file name
+    return open(fs_path, "rb") if fs is None else fs.open_input_file(fs_path)
+
+
 def _read(fs: pafs.FileSystem | None, fs_path: str) -> bytes:
-    if fs is None:  # local: plain open() is the fastest path and handles any file name
-        with open(fs_path, "rb") as f:
-            return f.read()
-    with fs.open_input_file(fs_path) as f:
+    with _open(fs, fs_path) as f:
         return f.read()
+
+
+def _sha256_in_chunks(fs: pafs.FileSystem | None, fs_path: str) -> str:
+    digest = hashlib.sha256()
+    with _open(fs, fs_path) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: dict[str, Any],
@@ -100,31 +110,37 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
     Rows whose (path, sha256) this model already scored are dropped here, before
     the expensive decode. Unusable inputs become error rows (typed code) with a
     zero tensor, so the actor stage sees a fixed-shape column and the job never
-    fails because of one file.
+    fails because of one file. A file over the size cap is hashed in chunks and
+    refused without being read into memory, so a stray multi-GB file cannot take
+    the decode worker (and with it the run) down.
     """
     import ray
 
     from cxr.errors import ImageError
-    from cxr.preprocess import image_size_of, preprocess
+    from cxr.preprocess import image_size_of, max_file_bytes, preprocess
 
     cfg = PreprocessConfig(**pre)
     keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     size = cfg.image_size
+    cap = max_file_bytes(cfg.max_pixels)
     out: dict[str, list[Any]] = {k: [] for k in ("path", "size_bytes", "sha256", "width", "height", "error_code", "error")}
     images: list[np.ndarray] = []
     for path, fs_path, nbytes in zip(batch["path"], batch["fs_path"], batch["size"]):
         path, fs_path = str(path), str(fs_path)
         code, msg, sha, width, height = "", "", "", -1, -1
-        tensor = None
+        tensor, data = None, None
         try:
-            data = _read(fs, fs_path)
+            if int(nbytes) > cap:
+                sha = _sha256_in_chunks(fs, fs_path)
+                code, msg = "too_large", f"file is {int(nbytes)} bytes, over the cap of {cap} bytes for one image"
+            else:
+                data = _read(fs, fs_path)
+                sha, nbytes = hashlib.sha256(data).hexdigest(), len(data)
         except OSError as exc:
-            code, msg, data = "read_failed", f"cannot read file: {exc}", None
+            code, msg = "read_failed", f"cannot read file: {exc}"
+        if sha and keys is not None and S.is_done(keys, S.resume_key(path, sha)):
+            continue
         if data is not None:
-            sha = hashlib.sha256(data).hexdigest()
-            nbytes = len(data)
-            if keys is not None and S.is_done(keys, S.resume_key(path, sha)):
-                continue
             try:
                 tensor = preprocess(data, cfg)
             except ImageError as exc:
@@ -171,6 +187,12 @@ class Scorer:
         if ok.any():
             probs[ok] = self.engine.predict_proba(batch["image"][ok])
         base = {k: batch[k] for k in ("path", "size_bytes", "sha256", "width", "height", "error_code", "error")}
+        lost = ok & ~np.isfinite(probs).all(axis=1)
+        if lost.any():  # never label a NaN: an error row says what happened instead
+            ok &= ~lost
+            base["error_code"] = np.where(lost, "corrupt", base["error_code"]).astype(object)
+            base["error"] = np.where(lost, "the model gave non-finite probabilities for this image",
+                                     base["error"]).astype(object)
         return S.build_rows(base, probs, ok, self.classes, self.threshold, self.model_id, self.model_version,
                             scored_at=datetime.now(timezone.utc))
 
@@ -278,14 +300,23 @@ def _owner_from_parts(location: str) -> str | None:
     return col[0].as_py() if len(col) else None
 
 
+def _label_root(archive: str, fs: pafs.FileSystem, root: str) -> str:
+    """The folder whose NORMAL/PNEUMONIA names label the rows: the archive (a single file's own folder)."""
+    try:
+        is_file = fs.get_file_info(root).type == pafs.FileType.File
+    except Exception:  # noqa: BLE001 - list_archive reports an unreachable archive
+        is_file = False
+    return S.uri_prefix(archive) + (str(PurePosixPath(root).parent) if is_file else root)
+
+
 def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (cxr.screening.summarize_counts)."""
     t0 = time.perf_counter()
     meta = check_model(cfg.model, cfg.engine)
     classes = list(meta.classes)
-    labels = S.load_labels(cfg.labels, classes)
     out_fs, out_dir = S.open_fs(cfg.output)
-    arch_fs, _ = S.open_fs(cfg.archive)
+    arch_fs, arch_root = S.open_fs(cfg.archive)
+    labels = S.load_labels(cfg.labels, classes, folder_root=_label_root(cfg.archive, arch_fs, arch_root))
     exclude = [out_dir] if type(out_fs) is type(arch_fs) else []
     files, fs, ignored = S.list_archive(cfg.archive, cfg.glob, cfg.limit, exclude=exclude)
 
@@ -300,7 +331,7 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         if cfg.force:  # rescore the selected files; their new rows supersede the old ones (newest wins)
             keys = np.zeros(0, dtype="S16")
         else:
-            done = S.read_parts(cfg.output, classes, columns=["path", "sha256", "model_id", "error_code"])
+            done = S.read_parts(cfg.output, classes, columns=["path", "sha256", "model_id", "error_code", "scored_at"])
             keys = S.done_keys(done, meta.model_id)
         stats = _execute(cfg, meta, files, fs, keys, labels, on_progress, t0)
         duration = time.perf_counter() - t0

@@ -347,3 +347,43 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(screened, ray_local, tmp_p
         assert abs(g["prob_pneumonia"] - r["prob_pneumonia"]) < 1e-5
     assert not list((killed / "results" / "_tmp").iterdir())
     assert all(pq.read_metadata(p).num_rows > 0 for p in S.list_parts(*S.open_fs(str(killed))))
+
+
+def test_scorer_turns_non_finite_probabilities_into_error_rows(tiny_model) -> None:
+    """The actor class alone (no Ray): a NaN input that got past decoding must give an error row, not a label."""
+    from jobs.screen import Scorer
+
+    scorer = Scorer(str(tiny_model), "onnx", threads=1)
+    images = np.zeros((3, 1, 64, 64), np.float32)
+    images[1, 0, 5, 5] = np.nan
+    batch = {"path": np.array(["a", "b", "c"], dtype=object), "size_bytes": np.array([1, 1, 1]),
+             "sha256": np.array(["1" * 64, "2" * 64, "3" * 64], dtype=object), "width": np.array([64] * 3),
+             "height": np.array([64] * 3), "error_code": np.array(["", "", "empty"], dtype=object),
+             "error": np.array(["", "", "empty input"], dtype=object), "image": images}
+    rows = scorer(batch).to_pylist()
+    assert rows[0]["label"] in ("normal", "pneumonia") and rows[0]["error_code"] is None
+    assert rows[1]["label"] is None and rows[1]["error_code"] == "corrupt" and "non-finite" in rows[1]["error"]
+    assert rows[2]["error_code"] == "empty" and rows[2]["error"] == "empty input"
+
+
+def test_prepare_refuses_a_file_over_the_size_cap_without_reading_it(tmp_path, sample_images) -> None:
+    """The decode task alone (no Ray): a sparse 65 MiB 'image' is hashed in chunks and becomes a too_large row."""
+    import dataclasses
+    import hashlib
+
+    from cxr.config import PreprocessConfig
+    from jobs.screen import prepare
+
+    big = tmp_path / "huge.dcm"
+    with open(big, "wb") as f:
+        f.truncate(65 << 20)  # over max(64 MiB, 8 bytes x 1000 pixels)
+    good = sample_images[0]
+    batch = {"path": np.array([str(big), str(good)], dtype=object),
+             "fs_path": np.array([str(big), str(good)], dtype=object),
+             "size": np.array([big.stat().st_size, good.stat().st_size])}
+    pre = dataclasses.asdict(PreprocessConfig(image_size=32, max_pixels=1000))
+    out = prepare(batch, fs=None, pre=pre, done=None)
+    assert list(out["error_code"]) == ["too_large", "too_large"]  # the 224x224 film is over 1000 px as well
+    assert "over the cap of 67108864 bytes" in out["error"][0] and "pixels exceeds the cap" in out["error"][1]
+    assert out["sha256"][0] == hashlib.sha256(bytes(65 << 20)).hexdigest()
+    assert out["size_bytes"][0] == 65 << 20 and out["image"].shape == (2, 1, 32, 32)

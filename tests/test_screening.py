@@ -68,6 +68,24 @@ def test_resume_keys_are_per_path_and_content() -> None:
     assert not S.is_done(np.zeros(0, "S16"), S.resume_key("/a/x.jpeg", sha[0]))
 
 
+def test_resume_keys_follow_the_newest_row_per_path() -> None:
+    """An older row must not mark a file done once a newer row replaced it: a transient read failure
+    after a good score is retried, and content that went back to an earlier version is rescored."""
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+    def rows(sha: str, code: str, day: int) -> pa.Table:
+        base = {**_base(["/a.png"], [code]), "sha256": [sha]}
+        return S.build_rows(base, np.zeros((1, 2)), [not code], CLASSES, 0.5, "m", "v",
+                            scored_at=t0 + timedelta(days=day))
+
+    x, y = "aa" * 32, "bb" * 32
+    flaky = pa.concat_tables([rows(x, "", 0), rows("", "read_failed", 1)])
+    assert not S.is_done(S.done_keys(flaky, "m"), S.resume_key("/a.png", x))
+    back = pa.concat_tables([rows(x, "", 0), rows(y, "", 1)])
+    keys = S.done_keys(back, "m")
+    assert S.is_done(keys, S.resume_key("/a.png", y)) and not S.is_done(keys, S.resume_key("/a.png", x))
+
+
 def test_resume_keys_ending_in_nul_are_found() -> None:
     """numpy's S16 strips trailing NULs on read; 1 key in 256 ends in one (a kill -9 rerun once
     rescored and duplicated such a row)."""
@@ -142,15 +160,43 @@ def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[P
         S.list_archive(str(tmp_path / "missing"))
 
 
+def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Arrow cannot decode such a name; the listing must go on and say so, not end in a traceback."""
+    (tmp_path / "ok.png").write_bytes(b"x")
+    open(bytes(tmp_path) + b"/\xff\xfe.png", "wb").close()
+    files, _, ignored = S.list_archive(str(tmp_path))
+    assert [Path(f.path).name for f in files] == ["ok.png"] and ignored == 1
+    assert "not valid UTF-8" in caplog.text
+
+
 def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:
     man = tmp_path / "labels.csv"
     man.write_text("path,label,subtype,sha256\nimgs/a.png,PNEUMONIA,virus,\nelsewhere/b.png,NORMAL,normal," + "f" * 64 + "\n")
-    idx = S.load_labels(str(man), CLASSES)
+    idx = S.load_labels(str(man), CLASSES, folder_root="/x")
     assert idx.lookup(str(tmp_path / "imgs/a.png"), None) == "pneumonia"
     assert idx.lookup("/copy/of/b.png", "f" * 64) == "normal"  # joined by content
-    assert idx.lookup("/x/NORMAL/c.png", None) == "normal"  # Kaggle folder layout
+    assert idx.lookup("/x/NORMAL/c.png", None) == "normal"  # Kaggle folder layout under the archive
     assert idx.lookup("/x/other/c.png", None) is None
     assert S.load_labels(str(man), ["normal", "bacteria", "virus"]).lookup(str(tmp_path / "imgs/a.png"), None) == "virus"
+    # folder names above the archive (a bucket or parent called "normal") label nothing; the archive's own name does
+    assert S.LabelIndex(folder_root="s3://pneumonia/xrays").lookup("s3://pneumonia/xrays/2024/a.dcm", None) is None
+    assert S.LabelIndex(folder_root="/srv/normal/archive").lookup("/srv/normal/archive/x.png", None) is None
+    assert S.LabelIndex(folder_root="/d/test/NORMAL").lookup("/d/test/NORMAL/x.png", None) == "normal"
+    assert S.LabelIndex().lookup("/x/NORMAL/c.png", None) is None  # `cxr report`: no folder guessing
+    # a manifest's subtype is the true label only when it is one of the model's classes
+    odd = tmp_path / "odd.csv"
+    odd.write_text("path,label,subtype\nb.png,PNEUMONIA,unknown\n")
+    assert S.load_labels(str(odd), ["normal", "bacteria", "virus"]).lookup(str(tmp_path / "b.png"), None) == "pneumonia"
+
+
+def test_stored_true_labels_beat_folder_names_but_not_the_manifest(tmp_path: Path) -> None:
+    """`cxr report --labels`: the manifest overrides a stored label; a path it does not list keeps its own."""
+    man = tmp_path / "labels.csv"
+    man.write_text("path,label\nNORMAL/a.png,PNEUMONIA\n")
+    rows = S.build_rows(_base([str(tmp_path / "NORMAL/a.png"), str(tmp_path / "NORMAL/b.png")]), np.zeros((2, 2)),
+                        [True, True], CLASSES, 0.5, "m", "v", true_label=["normal", "pneumonia"])
+    got = S.load_labels(str(man), CLASSES, folder_root=str(tmp_path)).apply(rows).column("true_label").to_pylist()
+    assert got == ["pneumonia", "pneumonia"]
     with pytest.raises(CxrError):
         S.load_labels(str(tmp_path / "nope.csv"))
 
