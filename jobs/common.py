@@ -59,8 +59,14 @@ def cluster_address() -> str | None:
     """The Ray cluster RAY_ADDRESS names, or None for a new local instance (unset, or "local").
 
     ``RAY_ADDRESS=local`` asks for a fresh local instance started with our options (benchmarks use it).
+    An http(s) address is the Jobs API that `cxr submit` reads from the same variable: one clear error here,
+    not Ray's "Invalid Ray address" from deep inside ray.init.
     """
     address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise CxrError(f"RAY_ADDRESS={address} is a Ray Jobs server address (for `cxr submit` and `cxr jobs`); "
+                       "this command connects to a cluster directly (RAY_ADDRESS=auto, HOST:6379 or ray://HOST:10001). "
+                       "Run it on the cluster with `cxr submit ...`, or unset RAY_ADDRESS to run locally")
     return address if address and address != "local" else None
 
 

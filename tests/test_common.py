@@ -8,6 +8,7 @@ import pytest
 
 from ray._private.authentication import authentication_token_setup as auth
 
+from cxr.errors import CxrError
 from jobs.common import _quiet_default_auth_notice, cluster_address
 
 
@@ -38,3 +39,10 @@ def test_ray_address_local_means_a_new_local_instance(monkeypatch, env, expected
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
     assert cluster_address() == expected
+
+
+def test_a_jobs_server_address_is_a_clear_error(monkeypatch) -> None:
+    """`export RAY_ADDRESS=http://head:8265` for `cxr submit` must not make `cxr screen` fail inside ray.init."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(CxrError, match="Ray Jobs server address"):
+        cluster_address()
