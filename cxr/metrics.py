@@ -30,17 +30,23 @@ def decide(probs: np.ndarray, classes: Sequence[str], threshold: float) -> list[
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity (recall of positives) is >= target.
+    """A threshold with sensitivity (recall of positives) >= target and the best specificity that allows.
 
-    The highest such threshold keeps specificity as high as the target allows.
+    Among the thresholds that classify these samples alike, it is the midpoint of the gap
+    below the lowest positive kept, not that positive's own score: an engine whose scores
+    differ in the last digits (fp32 ONNX vs the bf16 the threshold was found with) then
+    still puts that positive, and every sample near the cut, on the same side.
     """
     y_true = np.asarray(y_true).astype(bool)
-    pos = np.sort(np.asarray(score, dtype=np.float64)[y_true])
+    score = np.asarray(score, dtype=np.float64)
+    pos = np.sort(score[y_true])
     if pos.size == 0:
         return 0.5
     # sensitivity(t) = mean(pos >= t); allowing k misses keeps pos[k] as the cut
     k = int(np.floor((1.0 - target) * pos.size + 1e-9))
-    return float(pos[min(k, pos.size - 1)])
+    cut = float(pos[min(k, pos.size - 1)])
+    below = score[score < cut]
+    return (cut + float(below.max())) / 2.0 if below.size else cut
 
 
 def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
