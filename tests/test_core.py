@@ -365,10 +365,15 @@ def test_threshold_for_sensitivity_and_decision() -> None:
         thr = threshold_for_sensitivity(y, score, target)
         m = binary_metrics(y, score, thr)
         assert m["sensitivity"] >= target
-        # the next-higher threshold would fall below the target: it is the highest such threshold
+        # the best such cut: moving it past the next positive above it would fall below the target
         higher = np.sort(score[y == 1])
         nxt = higher[higher > thr]
-        if nxt.size:
-            assert binary_metrics(y, score, nxt[0])["sensitivity"] < target
+        after = higher[higher > nxt[0]]
+        if after.size:
+            assert binary_metrics(y, score, after[0])["sensitivity"] < target
+        # and it sits midway in the gap between samples, not on a sample's score
+        assert not np.isclose(score, thr, rtol=0, atol=1e-12).any()
+        gap_lo, gap_hi = score[score < thr].max(), score[score > thr].min()
+        assert thr == pytest.approx((gap_lo + gap_hi) / 2) and gap_hi == nxt[0]
     probs = np.array([[0.9, 0.06, 0.04], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     assert decide(probs, CLASSES["subtype"], threshold=0.35) == ["normal", "virus", "bacteria"]
