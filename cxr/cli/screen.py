@@ -46,14 +46,15 @@ class _ProgressLine:
               help="Results folder (local path or pyarrow URI). Rerunning on it scores only new/changed files.")
 @click.option("--labels", default=None, metavar="MANIFEST",
               help="CSV/Parquet with path,label[,subtype,sha256] (paths relative to it). "
-                   "Default: labels from NORMAL/PNEUMONIA folder names when present.")
+                   "Default: labels from NORMAL/PNEUMONIA folder names under ARCHIVE when present.")
 @click.option("--glob", default=None, metavar="PATTERN",
               help="Only files matching PATTERN: on the file name if it has no '/', else on the path under ARCHIVE.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N input files (sorted by path).")
 @click.option("--force", is_flag=True,
               help="Rescore the selected files even if already done (new rows supersede old ones); on a folder "
                    "holding another model's results, remove them and take the folder over.")
-@click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file could not be scored (default: error rows, exit 0).")
+@click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file this run processed could not be scored (default: error rows, exit 0). "
+                   "Files that failed in an earlier run count as done and are not retried; --force retries them.")
 @click.option("--batch-size", type=click.IntRange(min=0), default=_D.batch_size, show_default=True,
               help="Images per inference call; 0 = where the engine is fastest: 16 for torch-bf16 on a CPU, "
                    "32 for onnx and torch on a CPU, 64 on a GPU.")
@@ -186,7 +187,11 @@ def _brief(metrics: dict) -> str:
         return f"metrics unavailable: {metrics.get('reason', 'no labelled rows')}"
     auc = (metrics.get("auc") or {})
     op = metrics.get("at_model_threshold") or {}
-    parts = [f"AUC {auc.get('value')}" + (f" (95% CI {auc['ci95'][0]}-{auc['ci95'][1]})" if auc.get("ci95") else "")]
+    value, ci = auc.get("value"), auc.get("ci95")
+    if value is None or value != value:  # None or NaN: one class only among the labelled rows
+        parts = ["AUC undefined (one class only)"]
+    else:
+        parts = [f"AUC {value:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci[:2] else "")]
     for key in ("sensitivity", "specificity", "accuracy"):
         if op.get(key) is not None:
             parts.append(f"{key} {op[key]:.3f}")
