@@ -105,7 +105,7 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     summary: dict | None = None
     try:
         summary = run_screen(cfg, on_progress=progress)
-    except CxrError:
+    except Exception:  # a CxrError or a bug: either way Prometheus must see the nightly run fail
         if cfg.metrics_file or cfg.pushgateway:
             _emit_failure_metrics(cfg)
         raise
