@@ -9,9 +9,11 @@ Request path (nothing blocks the replica's event loop):
   the engine ``cxr screen`` uses) in a single inference thread -> JSON.
 
 Errors are JSON ``{"code", "message", "request_id"}`` with statuses from the
-typed ``ImageError.code`` (``IMAGE_ERROR_STATUS``); an unexpected failure is a
-JSON 503 and the replica keeps serving, while repeated engine failures fail the
-health check so Serve replaces the replica. Metrics: see serve/README.md.
+typed ``ImageError.code`` (``IMAGE_ERROR_STATUS``; whatever else decoding one
+image raises, and an image without a finite prediction, is that image's 422
+``corrupt``); an unexpected failure is a JSON 503 and the replica keeps serving,
+while repeated engine failures fail the health check so Serve replaces the
+replica. Metrics: see serve/README.md.
 
 No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type.
 
@@ -43,7 +45,7 @@ from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxr import __version__
-from cxr.config import ServeConfig, from_dict
+from cxr.config import PreprocessConfig, ServeConfig, from_dict
 from cxr.errors import CxrError, ImageError
 from cxr.metrics import decide, pneumonia_score
 from cxr.preprocess import preprocess  # torch-free: cheap to import in every Serve process
@@ -202,6 +204,21 @@ def image_parts(parts: list[tuple[str | None, str | None, bytes]]) -> list[tuple
     return [(filename, data) for name, filename, data in parts if filename is not None or name in FILE_FIELDS]
 
 
+def preprocess_image(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
+    """THE ``preprocess`` for one request's image (runs in the thread pool).
+
+    Whatever else a decoder raises on a bad file (PIL: "conversion from LAB to RGB not supported";
+    pydicom: a window width of 0) is still that image's fault: ``ImageError('corrupt')``, a 422 for
+    this image only, never a 503 that invites a retry of the same bytes.
+    """
+    try:
+        return preprocess(data, cfg)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise ImageError("corrupt", f"image could not be decoded: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
 def _json_log_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -294,28 +311,44 @@ class CxrModel:
 
     # -- inference -------------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Dynamic batch -> one forward in the inference thread (event loop stays free)."""
+    async def _infer(self, inputs: list[np.ndarray]) -> list[np.ndarray | None]:
+        """Dynamic batch -> one forward in the inference thread (event loop stays free).
+
+        Finiteness is judged per image: an image with non-finite pixels or a non-finite answer comes
+        back as None (a 422 for its request alone) while the rest of the batch is answered. The engine
+        has failed only when the output has the wrong shape or no image with finite pixels got a finite
+        answer; 3 such batches in a row fail the health check.
+        """
         self.m_batch.observe(len(inputs))
         loop = asyncio.get_running_loop()
         try:
+            x = np.stack(inputs)
             t0 = time.perf_counter()
-            probs = await loop.run_in_executor(self._infer_pool, self.engine.predict_proba, np.stack(inputs))
+            probs = await loop.run_in_executor(self._infer_pool, self.engine.predict_proba, x)
             self.m_forward.observe((time.perf_counter() - t0) * 1000.0)
-            if probs.shape != (len(inputs), len(self.classes)) or not np.all(np.isfinite(probs)):
-                raise RuntimeError(f"engine returned {probs.shape} with non-finite values or a wrong shape")
+            if probs.shape != (len(inputs), len(self.classes)):
+                raise RuntimeError(f"engine returned shape {probs.shape} for {len(inputs)} images")
+            clean = np.isfinite(x.reshape(len(inputs), -1)).all(axis=1)
+            ok = clean & np.isfinite(probs).all(axis=1)
+            if clean.any() and not ok.any():
+                raise RuntimeError(f"engine returned non-finite probabilities for all {int(clean.sum())} "
+                                   "images with finite pixels")
         except Exception as exc:
             self._engine_failures += 1
             if self._engine_failures >= MAX_CONSECUTIVE_ENGINE_FAILURES:
                 self._unhealthy = f"engine failed {self._engine_failures} times in a row: {exc}"
             raise
-        self._engine_failures = 0
-        return list(probs)
+        if clean.any():
+            self._engine_failures = 0
+        return [p if good else None for p, good in zip(probs, ok)]
 
     async def _probs(self, data: bytes) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        x = await loop.run_in_executor(self._pre_pool, preprocess, data, self.meta.preprocess)  # THE preprocessing
-        return await self._infer(x)
+        x = await loop.run_in_executor(self._pre_pool, preprocess_image, data, self.meta.preprocess)
+        probs = await self._infer(x)
+        if probs is None:
+            raise ImageError("corrupt", "the image gave no finite prediction (non-finite pixel values?)")
+        return probs
 
     def _answer(self, probs: np.ndarray) -> dict[str, Any]:
         p = np.asarray(probs, dtype=np.float64)[None]

@@ -256,6 +256,96 @@ def test_model_health_ready_docs(client, tiny_model) -> None:
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
 
 
+def _lab_tiff() -> bytes:
+    """A valid TIFF that PIL cannot convert to grayscale (ValueError: conversion from LAB to RGB not supported)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("LAB", (80, 96), (50, 0, 0)).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def _inf_tiff() -> bytes:
+    """A float TIFF with one inf pixel: min-max scaling turns it into NaNs, and the model answers NaN."""
+    from PIL import Image
+
+    arr = np.linspace(0, 1, 96 * 80, dtype=np.float32).reshape(96, 80)
+    arr[3, 3] = np.inf
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def _dicom_window_width_0() -> bytes:
+    """A DICOM whose VOI window has width 0 (pydicom: ValueError, window width must be >= 1)."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(_dicom_bytes((np.arange(96 * 80).reshape(96, 80) % 4096).astype(np.uint16))))
+    ds.WindowCenter, ds.WindowWidth = 2048, 0
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_an_image_the_decoder_chokes_on_is_a_422_for_that_image_only(client, sample_images, expected) -> None:
+    """Any exception from decoding one image (not only ImageError) is that image's 422: alone, and inline
+    in a batch whose other images are answered (never a 503 internal_error that invites a retry)."""
+    bad = [("lab.tiff", _lab_tiff(), "image/tiff"), ("ww0.dcm", _dicom_window_width_0(), "application/dicom")]
+    for name, data, ctype in bad:
+        r = _predict(client, data, ctype)
+        assert r.status_code == 422, (name, r.status_code, r.text)
+        assert r.json()["code"] in ("corrupt", "dicom_invalid") and "retry-after" not in r.headers, r.text
+    good = sample_images[4]
+    files = [("files", bad[0]), ("files", (good.name, good.read_bytes(), "image/jpeg")), ("files", bad[1])]
+    r = client.post("/v1/predict/batch", files=files, headers=AUTH)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert results[0]["error"]["code"] == "corrupt" and results[2]["error"]["code"] in ("corrupt", "dicom_invalid")
+    np.testing.assert_allclose([results[1]["probabilities"][c] for c in ("normal", "pneumonia")], expected[good],
+                               atol=1e-5)
+
+
+def test_a_non_finite_image_fails_alone_in_its_dynamic_batch(client, sample_images, expected) -> None:
+    """An image with an inf pixel gets 422 corrupt; the images batched with it get their answers."""
+    good = sample_images[5:8]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in good]
+    files.insert(1, ("files", ("inf.tiff", _inf_tiff(), "image/tiff")))
+    r = client.post("/v1/predict/batch", files=files, headers=AUTH)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert results[1]["error"]["code"] == "corrupt" and "probabilities" not in results[1]
+    for item, path in zip(results[:1] + results[2:], good):
+        np.testing.assert_allclose([item["probabilities"][c] for c in ("normal", "pneumonia")], expected[path],
+                                   atol=1e-5)
+    r = _predict(client, _inf_tiff(), "image/tiff")
+    assert r.status_code == 422 and r.json()["code"] == "corrupt", r.text
+    assert client.get("/readyz").status_code == 200
+
+
+def test_infer_judges_each_row_and_bad_images_are_no_engine_failure(server, client, sample_images, expected,
+                                                                     tiny_model) -> None:
+    """Straight to the batched method (Serve's handle API): a NaN row comes back None beside answered rows,
+    and more NaN-only batches than the failure limit leave the replica healthy (the engine did not fail)."""
+    from ray import serve
+
+    from cxr.export import read_metadata
+    from cxr.preprocess import preprocess
+    from serve.app import MAX_CONSECUTIVE_ENGINE_FAILURES
+
+    path = sample_images[0]
+    x = preprocess(path.read_bytes(), read_metadata(tiny_model).preprocess)
+    nan = x.copy()
+    nan[0, 0, 0] = np.nan
+    handle = serve.get_app_handle(server.cfg.app_name)
+    for _ in range(MAX_CONSECUTIVE_ENGINE_FAILURES + 1):
+        # two at once (the fixture's max_ongoing_requests): they meet in one batch within batch_wait_ms
+        good, bad = [r.result(timeout_s=30) for r in [handle._infer.remote(a) for a in (x, nan)]]
+        assert bad is None
+        np.testing.assert_allclose(good, expected[path], atol=1e-5)
+        assert handle._infer.remote(nan).result(timeout_s=30) is None
+    assert client.get("/readyz").status_code == 200
+
+
 BAD = [  # (name, request kwargs, status, code)
     ("text body", dict(content=b"hello", headers={"Content-Type": "text/plain", **AUTH}), 415, "unsupported_media_type"),
     ("json body", dict(content=b'{"a": 1}', headers={"Content-Type": "application/json", **AUTH}), 415,
