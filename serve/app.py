@@ -244,12 +244,12 @@ class CxrModel:
             raise CxrError("no model: set args.model in the Serve config (cxr serve --model) or $CXR_MODEL")
         # threads = the CPUs Ray reserved for this replica, not Ray's OMP_NUM_THREADS=1 default nor every
         # core of the node (ONNX Runtime's default): replicas sharing a node must not oversubscribe it
-        threads = self.cfg.engine_threads or max(1, round(self.cfg.cpus_per_replica))
-        self.engine = load_engine(model_dir, self.cfg.engine, threads=threads)
+        self.engine_threads = self.cfg.engine_threads or max(1, round(self.cfg.cpus_per_replica))
+        self.engine = load_engine(model_dir, self.cfg.engine, threads=self.engine_threads)
         self.meta = self.engine.meta
         self.classes = list(self.meta.classes)
         self.threshold = float(self.meta.threshold)
-        self.token = os.environ.get("CXR_API_TOKEN") or None
+        self.token = os.environ.get("CXR_API_TOKEN", "").strip() or None  # a Secret file may end in a newline
         self.body_cap = int(self.cfg.max_body_mb * 1024 * 1024)
         self._pre_pool = ThreadPoolExecutor(max(1, self.cfg.preprocess_threads), thread_name_prefix="cxr-pre")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="cxr-infer")  # one forward at a time
@@ -483,8 +483,9 @@ class CxrModel:
     @api.get("/v1/model", summary="The served export's metadata and the serving settings")
     async def model_info(self, request: Request) -> JSONResponse:
         async def work(req: Request, rid: str) -> tuple[dict[str, Any], int]:
-            serving = {"engine": self.engine.name, "replica": self.replica, "max_batch_size": self.max_batch_size,
-                       "batch_wait_ms": self.batch_wait_ms, "max_body_mb": self.cfg.max_body_mb,
+            serving = {"engine": self.engine.name, "engine_threads": self.engine_threads, "replica": self.replica,
+                       "max_batch_size": self.max_batch_size, "batch_wait_ms": self.batch_wait_ms,
+                       "max_body_mb": self.cfg.max_body_mb,
                        "request_timeout_s": self.cfg.request_timeout_s, "auth": self.token is not None}
             return {**self.meta.to_json(), "serving": serving, "request_id": rid}, 0
 

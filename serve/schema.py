@@ -66,15 +66,18 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
             "request_timeout_s": float(cfg.request_timeout_s) + PROXY_TIMEOUT_MARGIN_S}
 
 
-#: ServeConfig fields the replica itself reads; the Serve knobs live in ``deployments[0]``
-APP_ARG_KEYS = ("model", "engine", "engine_threads", "preprocess_threads", "max_batch_images",
+#: ServeConfig fields the replica itself reads in ``CxrModel.__init__`` (``cpus_per_replica``: the
+#: engine's threads when ``engine_threads`` is 0); the Serve knobs live in ``deployments[0]``
+APP_ARG_KEYS = ("model", "engine", "engine_threads", "cpus_per_replica", "preprocess_threads", "max_batch_images",
                 "max_body_mb", "request_timeout_s")
 
 
 def app_args(cfg: ServeConfig) -> dict[str, Any]:
-    """``args`` for ``build_app`` in a config file: the app-level fields only (no duplication).
+    """``args`` for ``build_app`` in a config file, and the replica's init argument: the app-level fields only.
 
-    ``cxr serve`` passes the whole ``to_dict(cfg)`` instead; ``build_app`` takes either.
+    Both paths use it (``cxr serve`` deploys ``serve_config_document`` too, and ``make_app`` binds
+    ``app_args``), so the replica rebuilds its ServeConfig from these keys alone: a field the replica
+    reads must be in ``APP_ARG_KEYS``, or the replica silently gets its default.
     """
     full = to_dict(cfg)
     return {k: full[k] for k in APP_ARG_KEYS}

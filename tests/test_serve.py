@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cxr.config import AutoscalingConfig, ServeConfig
-from serve.schema import DEPLOYMENT_NAME, serve_config_document, to_yaml
+from cxr.config import AutoscalingConfig, ServeConfig, from_dict
+from serve.schema import DEPLOYMENT_NAME, app_args, serve_config_document, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -52,6 +52,17 @@ def test_config_document_follows_the_typed_config() -> None:
     assert dep["user_config"] == {"max_batch_size": 8, "batch_wait_ms": 10.0}
     assert dep["max_queued_requests"] == 10 and dep["backpressure_config"]["status_code"] == 429
     assert serve_config_document(cfg)["applications"][0]["args"]["model"] == "/m"
+
+
+def test_replica_args_carry_every_field_the_replica_reads() -> None:
+    """The replica rebuilds its ServeConfig from ``app_args`` alone: with engine_threads 0 its engine runs
+    cpus_per_replica threads, so that field must travel too (it used to arrive as the default 1.0)."""
+    cfg = ServeConfig(model="/m", engine="onnx", engine_threads=0, cpus_per_replica=3.0, preprocess_threads=5,
+                      max_batch_images=7, max_body_mb=2.5, request_timeout_s=9.0)
+    back = from_dict(ServeConfig, app_args(cfg))
+    for name in ("model", "engine", "engine_threads", "cpus_per_replica", "preprocess_threads", "max_batch_images",
+                 "max_body_mb", "request_timeout_s"):
+        assert getattr(back, name) == getattr(cfg, name), name
 
 
 def test_multipart_parser_keeps_binary_bytes() -> None:
@@ -138,10 +149,11 @@ def server(tiny_model: Path):
 
     os.environ.pop("RAY_ADDRESS", None)
     old_token = os.environ.get("CXR_API_TOKEN")
-    os.environ["CXR_API_TOKEN"] = TOKEN  # before ray.init: replicas inherit the environment
+    # before ray.init: replicas inherit the environment; the trailing newline is what a Secret file often has
+    os.environ["CXR_API_TOKEN"] = TOKEN + "\n"
     cfg = ServeConfig(model=str(tiny_model), port=runner.free_port(), metrics_port=runner.free_port(),
                       max_body_mb=1.0, max_ongoing_requests=2, max_queued_requests=2, max_batch_size=4,
-                      batch_wait_ms=20.0, health_check_period_s=2.0,
+                      batch_wait_ms=20.0, health_check_period_s=2.0, cpus_per_replica=2.0,
                       autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1))
     started = runner.start(cfg, num_cpus=2, metrics_report_interval_ms=1000)
     try:
@@ -250,6 +262,7 @@ def test_model_health_ready_docs(client, tiny_model) -> None:
     r = client.get("/v1/model", headers=AUTH)
     assert r.status_code == 200 and r.json()["model_id"] == meta.model_id
     assert r.json()["classes"] == ["normal", "pneumonia"] and r.json()["serving"]["auth"] is True
+    assert r.json()["serving"]["engine_threads"] == 2  # engine_threads 0 = cpus_per_replica (2 here)
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
     assert client.get("/docs").status_code == 200
