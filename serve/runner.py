@@ -80,6 +80,20 @@ def init_ray(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_inter
     return True, cfg.metrics_port
 
 
+def validate(cfg: ServeConfig):  # -> ray.serve.schema.ServeDeploySchema
+    """``serve_config_document(cfg)`` as Serve's own schema; what Serve refuses is one CxrError line."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        return ServeDeploySchema.model_validate(serve_config_document(cfg))
+    except ValidationError as exc:  # e.g. max_queued_requests=0: not a traceback, a line naming the field
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CxrError(f"invalid Serve config: {problems}") from None
+    except ValueError as exc:  # serve_config_document's own checks (overload_status_code)
+        raise CxrError(f"invalid Serve config: {exc}") from None
+
+
 def deploy(cfg: ServeConfig, timeout_s: float = 300.0) -> None:
     """Deploy ``serve_config_document(cfg)`` exactly as ``serve run serve/config.yaml`` would.
 
@@ -92,9 +106,8 @@ def deploy(cfg: ServeConfig, timeout_s: float = 300.0) -> None:
     """
     from ray import serve
     from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(serve_config_document(cfg))
+    schema = validate(cfg)
     serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump())
     before = serve.status().applications.get(cfg.app_name)
     since = before.last_deployed_time_s if before is not None else 0.0
@@ -118,6 +131,7 @@ def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval
     from cxr.export import read_metadata
     from jobs.common import cluster_address
 
+    validate(cfg)  # before Ray starts: what Serve would refuse, as one CxrError line
     if cfg.model:
         read_metadata(cfg.model)  # a clear CxrError now rather than a replica crash loop later
     if cluster_address() is None and not port_free(cfg.host, cfg.port):

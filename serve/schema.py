@@ -7,8 +7,8 @@ be regenerated and drift-checked against it::
     python -m serve.schema > serve/config.yaml          # the committed default
     cxr serve --model runs/r1/model --print-config      # with your flags applied
 
-``cxr serve`` deploys the very same options (``deployment_options``), so a
-local run and ``serve deploy serve/config.yaml`` behave alike.
+``cxr serve`` deploys the very same document, so a local run and ``serve deploy``
+of a printed config behave alike.
 """
 
 from __future__ import annotations
@@ -112,9 +112,12 @@ HEADER = """\
 # serve/schema.py::serve_config_document -- do not edit by hand; regenerate with
 #   python -m serve.schema > serve/config.yaml
 # (tests/test_serve.py fails if this file drifts from the function's output).
-# Deploy on a running cluster:   serve deploy serve/config.yaml
-# The model directory: set applications[0].args.model, or $CXR_MODEL on the workers.
-# The bearer token comes from $CXR_API_TOKEN on the workers (never put it here).
+# serve/config.yaml holds the defaults (listens on 127.0.0.1; model '' = $CXR_MODEL on the workers).
+# For a cluster, print a config with its values, then deploy it:
+#   cxr serve --host 0.0.0.0 --model /shared/path/to/model --print-config > cxr-serve.yaml
+#   serve deploy cxr-serve.yaml
+# There is no runtime_env: every node must run deploy/Dockerfile's image (cxr installed) and see the
+# model path. The bearer token comes from $CXR_API_TOKEN on the workers (never put it here).
 """
 
 

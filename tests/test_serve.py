@@ -98,6 +98,42 @@ def test_cli_help_and_print_config() -> None:
     assert doc["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0.25
 
 
+def test_print_config_for_a_cluster_keeps_host_and_model_path(tmp_path: Path) -> None:
+    """What the README tells you to run for `serve deploy`: the host and the model path as given
+    (a models/current symlink stays the symlink, so a promoted model is what new replicas load)."""
+    from click.testing import CliRunner
+
+    from cxr.cli import main
+
+    (tmp_path / "models" / "m1").mkdir(parents=True)
+    (tmp_path / "models" / "current").symlink_to("m1")
+    current = str(tmp_path / "models" / "current")
+    out = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--model", current, "--cpus-per-replica", "2",
+                                    "--print-config"])
+    assert out.exit_code == 0, out.output
+    doc = yaml.safe_load(out.output)
+    assert doc["http_options"]["host"] == "0.0.0.0"
+    args = doc["applications"][0]["args"]
+    assert args["model"] == current and args["cpus_per_replica"] == 2.0
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--max-batch-size", "0"], "--max-batch-size"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
+    (["--max-ongoing-requests", "0"], "--max-ongoing-requests"),
+    (["--max-queued-requests", "-2"], "--max-queued-requests"),
+    (["--max-queued-requests", "0"], "error: invalid Serve config: "),  # Ray's schema refuses it: one line
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_refuses_out_of_range_values_in_one_line(flags: list[str], expected: str) -> None:
+    from click.testing import CliRunner
+
+    from cxr.cli import main
+
+    out = CliRunner().invoke(main, ["serve", *flags, "--print-config"])
+    assert out.exit_code == 2 and expected in out.output, out.output
+    assert "Traceback" not in out.output and not isinstance(out.exception, (ValueError, TypeError)), out.output
+
+
 # ------------------------------------------------------------------ `cxr serve` itself, Ctrl-C
 @pytest.mark.slow
 def test_cxr_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_model: Path, sample_images: list[Path]) -> None:

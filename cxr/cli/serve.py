@@ -20,6 +20,10 @@ from cxr.config import ENGINE_HELP, ENGINES, AutoscalingConfig, ServeConfig
 _DEFAULT = ServeConfig()
 _AUTO = AutoscalingConfig()
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+#: out-of-range values fail here, in one line, not after Ray has started (or inside the replicas)
+_PORT = click.IntRange(1, 65535)
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+_NON_NEGATIVE = click.FloatRange(min=0)
 
 
 def build_config(**kw) -> ServeConfig:
@@ -30,7 +34,8 @@ def build_config(**kw) -> ServeConfig:
         raise click.BadParameter(f"--min-replicas {auto.min_replicas} > --max-replicas {auto.max_replicas}")
     fields = {k: v for k, v in kw.items() if k not in auto_keys and v is not None}
     if fields.get("model"):
-        fields["model"] = str(Path(fields["model"]).expanduser().resolve())  # replicas run elsewhere (cwd)
+        # replicas run elsewhere (cwd): an absolute path, but symlinks kept (models/current stays "current")
+        fields["model"] = os.path.abspath(Path(fields["model"]).expanduser())
     return ServeConfig(autoscaling=auto, **fields)
 
 
@@ -38,33 +43,34 @@ def build_config(**kw) -> ServeConfig:
 @click.option("--model", type=click.Path(file_okay=False), help="Exported model directory (from `cxr train`).")
 @click.option("--host", default=_DEFAULT.host, show_default=True,
               help="Interface the HTTP proxy binds (0.0.0.0 to accept remote clients).")
-@click.option("--port", type=int, default=_DEFAULT.port, show_default=True, help="HTTP port of the API.")
-@click.option("--metrics-port", type=int, default=_DEFAULT.metrics_port, show_default=True,
+@click.option("--port", type=_PORT, default=_DEFAULT.port, show_default=True, help="HTTP port of the API.")
+@click.option("--metrics-port", type=_PORT, default=_DEFAULT.metrics_port, show_default=True,
               help="Prometheus port of the local Ray instance (cxr_* and ray_serve_* series).")
-@click.option("--min-replicas", type=int, default=_AUTO.min_replicas, show_default=True)
-@click.option("--max-replicas", type=int, default=_AUTO.max_replicas, show_default=True)
-@click.option("--target-ongoing-requests", type=float, default=_AUTO.target_ongoing_requests, show_default=True,
+@click.option("--min-replicas", type=click.IntRange(min=0), default=_AUTO.min_replicas, show_default=True)
+@click.option("--max-replicas", type=click.IntRange(min=1), default=_AUTO.max_replicas, show_default=True)
+@click.option("--target-ongoing-requests", type=_POSITIVE, default=_AUTO.target_ongoing_requests, show_default=True,
               help="Autoscaling target: in-flight requests per replica.")
-@click.option("--gpus-per-replica", type=float, default=_DEFAULT.gpus_per_replica, show_default=True,
+@click.option("--gpus-per-replica", type=_NON_NEGATIVE, default=_DEFAULT.gpus_per_replica, show_default=True,
               help="GPUs per replica (fractional allowed, e.g. 0.5 packs two replicas per GPU).")
-@click.option("--cpus-per-replica", type=float, default=_DEFAULT.cpus_per_replica, show_default=True,
+@click.option("--cpus-per-replica", type=_NON_NEGATIVE, default=_DEFAULT.cpus_per_replica, show_default=True,
               help="CPUs Ray reserves per replica (and the engine's threads unless --engine-threads).")
 @click.option("--engine-threads", type=click.IntRange(min=0), default=_DEFAULT.engine_threads, show_default=True,
               help="Engine intra-op threads per replica; 0 = --cpus-per-replica. CPU serving with one replica: "
                    "all the cores (e.g. 2 with the default 1 reserved CPU) batches best (BENCHMARKS.md).")
-@click.option("--max-batch-size", type=int, default=_DEFAULT.max_batch_size, show_default=True,
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=_DEFAULT.max_batch_size, show_default=True,
               help="Dynamic batching: most images per model forward (1 = no batching).")
-@click.option("--batch-wait-ms", type=float, default=_DEFAULT.batch_wait_ms, show_default=True,
+@click.option("--batch-wait-ms", type=_NON_NEGATIVE, default=_DEFAULT.batch_wait_ms, show_default=True,
               help="Dynamic batching: longest wait for a batch to fill.")
-@click.option("--max-ongoing-requests", type=int, default=_DEFAULT.max_ongoing_requests, show_default=True,
-              help="In-flight requests per replica.")
-@click.option("--max-queued-requests", type=int, default=_DEFAULT.max_queued_requests, show_default=True,
-              help="Queued requests per proxy before answering 503 (overload).")
+@click.option("--max-ongoing-requests", type=click.IntRange(min=1), default=_DEFAULT.max_ongoing_requests,
+              show_default=True, help="In-flight requests per replica.")
+@click.option("--max-queued-requests", type=click.IntRange(min=-1), default=_DEFAULT.max_queued_requests,
+              show_default=True, help="Queued requests per proxy before answering 503 (overload); -1 = no limit.")
 @click.option("--engine", type=click.Choice(ENGINES), default=_DEFAULT.engine, show_default=True, help=ENGINE_HELP)
-@click.option("--max-body-mb", type=float, default=_DEFAULT.max_body_mb, show_default=True,
+@click.option("--max-body-mb", type=_POSITIVE, default=_DEFAULT.max_body_mb, show_default=True,
               help="Request body cap in MiB (413 above it).")
-@click.option("--request-timeout-s", type=float, default=_DEFAULT.request_timeout_s, show_default=True)
-@click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all).")
+@click.option("--request-timeout-s", type=_POSITIVE, default=_DEFAULT.request_timeout_s, show_default=True)
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs of the local Ray instance (default: all).")
 @click.option("--print-config", is_flag=True,
               help="Print the Ray Serve config YAML for these flags (for `serve deploy`) and exit.")
 def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
@@ -88,6 +94,9 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
     from cxr.errors import CxrError
 
     cfg = build_config(**kw)
+    from serve import runner
+
+    runner.validate(cfg)  # what Serve would refuse (e.g. --max-queued-requests 0), in one line, before Ray starts
     if print_config:
         from serve.schema import serve_config_document, to_yaml
 
@@ -96,7 +105,6 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
     if not cfg.model:
         raise CxrError("--model is required (an export directory written by `cxr train`)")
     from cxr.export import read_metadata
-    from serve import runner
 
     meta = read_metadata(cfg.model)
     click.echo(f"starting Ray Serve for model {meta.model_id[:12]} ({meta.model_version or 'unnamed'}) ...", err=True)
