@@ -277,6 +277,14 @@ def test_core_objects_and_pod_templates_validate_with_kubernetes_validate(overla
                                       "template": template}, K8S_VERSION, strict=True)
 
 
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels + matchExpressions) against an object's labels."""
+    ops = {"In": lambda k, v: labels.get(k) in v, "NotIn": lambda k, v: labels.get(k) not in v,
+           "Exists": lambda k, v: k in labels, "DoesNotExist": lambda k, v: k not in labels}
+    return (all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+            and all(ops[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", [])))
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_monitors_select_the_ray_pods_metrics_port(overlay: str) -> None:
     """The Prometheus operator CRDs are not available offline: check what the monitors rely on."""
@@ -287,6 +295,15 @@ def test_monitors_select_the_ray_pods_metrics_port(overlay: str) -> None:
         assert mon["apiVersion"] == "monitoring.coreos.com/v1"
         assert mon["spec"]["namespaceSelector"]["matchNames"] == [namespace]
     assert sm["spec"]["selector"]["matchLabels"] == {"ray.io/node-type": "head"}  # labels KubeRay sets
+    # KubeRay's head Services (labels as its ray-operator sets them): each RayCluster's own, and the
+    # RayService's stable one, which fronts the same head pod on the same ports; scrape the head once
+    cluster_head_svc = {"ray.io/cluster": "cxr-raycluster-x7k2p", "ray.io/node-type": "head",
+                        "ray.io/identifier": "cxr-raycluster-x7k2p-head", "app.kubernetes.io/name": "kuberay",
+                        "app.kubernetes.io/created-by": "kuberay-operator"}
+    rayservice_head_svc = {"ray.io/originated-from-cr-name": "cxr", "ray.io/originated-from-crd": "RayService",
+                           "ray.io/node-type": "head", "ray.io/identifier": "cxr-head"}
+    assert _selects(sm["spec"]["selector"], cluster_head_svc)
+    assert not _selects(sm["spec"]["selector"], rayservice_head_svc), "the RayService head Service is scraped twice"
     assert pm["spec"]["selector"]["matchLabels"] == {"ray.io/node-type": "worker"}
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
