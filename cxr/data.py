@@ -81,7 +81,7 @@ def read_manifest_rows(path: Path) -> list[dict[str, str]]:
             import pyarrow.parquet as pq
 
             return [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in pq.read_table(path).to_pylist()]
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
             return list(csv.DictReader(f))
     except Exception as exc:  # noqa: BLE001
         raise CxrError(f"cannot read manifest {path}: {exc}") from None
@@ -93,6 +93,9 @@ def discover(data: str | Path, split: str = "train") -> list[Sample]:
     ``data`` is a manifest file (CSV/Parquet: path, label[, subtype, patient_id, split]),
     a folder holding one (MANIFEST.csv), or a folder ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*``.
     """
+    if "://" in str(data):
+        raise CxrError(f"--data must be a path every worker can read (local, or a filesystem mounted at the same "
+                       f"path on every node), not a URI: {data}")
     root = Path(data).expanduser()
     if not root.exists():
         raise CxrError(f"data not found: {root}")
@@ -146,23 +149,35 @@ def label_from_path(path: str) -> str | None:
     return None
 
 
+def val_folds(val_fraction: float) -> int:
+    """The number of folds k whose one fold, 1/k, is nearest ``val_fraction`` (the split holds out one fold)."""
+    if not 0.0 < val_fraction < 0.5:
+        raise CxrError(f"val fraction must be in (0, 0.5), got {val_fraction}")
+    low = max(2, int(1.0 / val_fraction))  # 1/low >= val_fraction >= 1/(low + 1)
+    return min((low, low + 1), key=lambda k: (abs(1.0 / k - val_fraction), k))
+
+
 def split_by_patient(samples: list[Sample], val_fraction: float, seed: int, task: str = "binary") -> tuple[list[Sample], list[Sample]]:
     """Seeded train/val split grouped by patient and stratified by class.
 
     No patient appears on both sides (a patient's several films are near
-    duplicates; splitting them would leak and inflate validation scores).
+    duplicates; splitting them would leak and inflate validation scores), even
+    a patient with films of both labels. The held-out share is one fold of k,
+    so it is approximately ``val_fraction``: the nearest 1/k (0.15 -> 1/7), up to
+    the sizes of the patient groups.
     """
-    if not 0.0 < val_fraction < 0.5:
-        raise CxrError(f"val fraction must be in (0, 0.5), got {val_fraction}")
+    n_splits = val_folds(val_fraction)
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_splits = max(2, round(1.0 / val_fraction))
     y = [s.target(task) for s in samples]
-    groups = [f"{s.label}/{s.patient_id}" for s in samples]
+    groups = [s.patient_id for s in samples]
     if len(set(groups)) < n_splits:
         raise CxrError(f"too few patients ({len(set(groups))}) for a {val_fraction:.0%} validation split")
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(cv.split(samples, y, groups))
+    try:
+        train_idx, val_idx = next(cv.split(samples, y, groups))
+    except ValueError as exc:  # e.g. a class with fewer images than folds
+        raise CxrError(f"cannot hold out {val_fraction:.0%} of patients for validation: {exc}") from None
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 

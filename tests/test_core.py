@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cxr.config import CLASSES, PreprocessConfig, TrainConfig, from_dict, resolve_train_config, to_dict
-from cxr.data import discover, patient_id_from_name, split_by_patient
+from cxr.data import Sample, discover, patient_id_from_name, split_by_patient, val_folds
 from cxr.errors import CxrError, ImageError
 from cxr.export import load_export, read_metadata, save_export, ModelMetadata
 from cxr.metrics import binary_metrics, decide, threshold_for_sensitivity
@@ -179,6 +179,47 @@ def test_discover_and_patient_split(data_dir: Path) -> None:
     # seeded: same split again, different seed gives another
     assert [s.path for s in split_by_patient(samples, 0.15, seed=7)[1]] == [s.path for s in val]
     assert [s.path for s in split_by_patient(samples, 0.15, seed=8)[1]] != [s.path for s in val]
+
+
+def test_default_kaggle_split_is_unchanged(data_dir: Path) -> None:
+    """The validation set of the documented runs (seed 42, 0.15; BENCHMARKS.md) is pinned."""
+    import hashlib
+
+    val = split_by_patient(discover(data_dir), 0.15, seed=42)[1]
+    names = "\n".join(f"{Path(s.path).parent.name}/{Path(s.path).name}" for s in val)
+    assert len(val) == 746
+    assert hashlib.sha256(names.encode()).hexdigest() == "f110bcf575bf6fde5881cc3acf9046906be40050ddd1c442d66a9e1375500e8f"
+
+
+def test_patients_with_films_of_both_labels_stay_on_one_side() -> None:
+    labels = ("normal", "pneumonia")
+    samples = [Sample(f"/d/mixed{i}_{label}.jpeg", label, label, f"mixed{i}") for i in range(20) for label in labels]
+    samples += [Sample(f"/d/p{i}.jpeg", labels[i % 2], labels[i % 2], f"p{i}") for i in range(40)]
+    for seed in range(5):
+        train, val = split_by_patient(samples, 0.2, seed)
+        assert not {s.patient_id for s in train} & {s.patient_id for s in val}
+        assert len(train) + len(val) == len(samples)
+
+
+def test_val_fraction_is_the_nearest_fold() -> None:
+    assert [val_folds(f) for f in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.45)] == [10, 7, 5, 4, 3, 3, 2]
+    samples = [Sample(f"/d/p{i}.jpeg", ("normal", "pneumonia")[i % 2], "x", f"p{i}") for i in range(60)]
+    assert len(split_by_patient(samples, 0.4, seed=0)[1]) == 20  # 1/3, not 1/2
+    with pytest.raises(CxrError, match="val fraction"):
+        val_folds(0.5)
+
+
+def test_manifest_with_a_byte_order_mark(tmp_path: Path, sample_images: list[Path]) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM, which must not become part of the first column's name."""
+    rows = ["path,label,patient_id"] + [f"{p},{p.parent.name},pt{i}" for i, p in enumerate(sample_images)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    samples = discover(tmp_path / "manifest.csv")
+    assert len(samples) == len(sample_images) and samples[0].patient_id.startswith("pt")
+
+
+def test_data_uri_is_a_clear_error() -> None:
+    with pytest.raises(CxrError, match="mounted at the same path on every node"):
+        discover("s3://bucket/manifest.parquet")
 
 
 def test_kaggle_layout_and_subtypes(tmp_path: Path, sample_images: list[Path]) -> None:
