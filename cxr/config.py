@@ -74,10 +74,10 @@ class TrainConfig:
     task: Task = "binary"
     preset: str = "cpu"
     workers: int = 2
-    gpus: int = 0  # GPUs per worker (0 = CPU workers over gloo)
+    gpus: int = 0  # GPUs per worker: 0 (CPU workers over gloo) or 1 (NCCL)
     cpus_per_worker: int = 1
     epochs: int = 12
-    warmup_epochs: int = 0  # frozen-backbone phase (useful with pretrained weights)
+    warmup_epochs: int = 0  # frozen-backbone phase (pretrained weights only; 0 without them)
     batch_size: int = 32  # per worker
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -256,4 +256,63 @@ def resolve_train_config(preset: str, overrides: dict[str, Any]) -> TrainConfig:
             pre[key] = value
         else:
             values[key] = value
-    return from_dict(TrainConfig, {**values, "preprocess": pre, "augment": aug})
+    return check_train_config(from_dict(TrainConfig, {**values, "preprocess": pre, "augment": aug}))
+
+
+def check_train_config(cfg: TrainConfig) -> TrainConfig:
+    """A new run's config made consistent, or a one-line error.
+
+    The frozen-backbone warm-up only makes sense on pretrained weights: without
+    them it is dropped (a random backbone would sit at LR 0). ``--gpus`` is per
+    worker and DDP drives one device per worker.
+    """
+    from cxr.errors import CxrError
+
+    if cfg.pretrained == "none" and cfg.warmup_epochs:
+        cfg = dataclasses.replace(cfg, warmup_epochs=0)
+    if cfg.epochs <= cfg.warmup_epochs:
+        raise CxrError(f"--epochs ({cfg.epochs}) must be more than --warmup-epochs ({cfg.warmup_epochs}): "
+                       "the warm-up epochs train only the head")
+    if not 0 <= cfg.gpus <= 1:
+        raise CxrError(f"--gpus is GPUs per worker: 0 or 1 (each DDP worker drives one GPU), got {cfg.gpus}; "
+                       "use --workers N for N GPUs")
+    return cfg
+
+
+#: Flags a ``--resume`` may change from the run's saved config: none changes the data split, the
+#: steps per epoch or the LR schedule. ``data`` must still name the same images (checked against
+#: split.json); ``output`` names the run itself.
+RESUME_MAY_CHANGE = ("data", "output", "resume", "cpus_per_worker", "target_sensitivity", "early_stop_patience")
+
+
+def resume_config(saved: TrainConfig, given: TrainConfig, explicit: Any = None) -> TrainConfig:
+    """The config a ``--resume`` continues with: the run's ``saved`` one, plus the allowed flags.
+
+    ``explicit`` names the flags the user passed (``None``: every field of ``given`` counts). A
+    passed flag that differs from the saved run, outside :data:`RESUME_MAY_CHANGE`, is an error
+    listing every such difference.
+    """
+    from cxr.errors import CxrError
+
+    pre_fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
+    train_fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    diffs, changes = [], {}
+    for name in train_fields if explicit is None else sorted(explicit):
+        if name in pre_fields:
+            old, new = getattr(saved.preprocess, name), getattr(given.preprocess, name)
+        elif name in train_fields:
+            old, new = getattr(saved, name), getattr(given, name)
+        else:
+            continue
+        if name in RESUME_MAY_CHANGE:
+            changes[name] = new
+        elif old != new:
+            diffs.append(f"--{name.replace('_', '-')} {_show(new)} (the run has {_show(old)})")
+    if diffs:
+        raise CxrError("--resume continues the run with its saved config (config.json); these flags differ from it: "
+                       + "; ".join(diffs) + ". Drop them, or start a new run with another --output")
+    return dataclasses.replace(saved, **{**changes, "output": given.output, "data": given.data, "resume": True})
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value)

@@ -33,11 +33,13 @@ def build_model(num_classes: int, pretrained: str = "none") -> nn.Module:
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     if pretrained and pretrained != "none":
-        load_backbone(model, _pretrained_state_dict(pretrained))
+        load_backbone(model, pretrained_state_dict(pretrained))
     return model
 
 
-def _pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
+def pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
+    """The state_dict ``--pretrained`` names (``imagenet`` or a file), read once: the training
+    driver ships it to the workers, which need neither the file nor a network."""
     if source == "imagenet":
         from torchvision.models import ResNet50_Weights
 

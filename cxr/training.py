@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from cxr.config import PreprocessConfig, TrainConfig
-from cxr.errors import ImageError
+from cxr.errors import CxrError, ImageError
 from cxr.model import autocast
 from cxr.preprocess import Augment, decode_image, to_model_input
 
@@ -210,7 +210,38 @@ def train_one_epoch(
             break
     elapsed = time.time() - start
     return {"loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "images_per_s": seen / max(elapsed, 1e-6), "train_images": seen, "train_seconds": elapsed}
+            "images_per_s": seen / max(elapsed, 1e-6), "train_images": seen, "train_seconds": elapsed,
+            "loss_sum": total_loss, "correct": correct}
+
+
+def merge_epoch_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Every rank's :func:`train_one_epoch` result as one: loss and accuracy over all ranks' images,
+    images/s summed (the ranks run in parallel)."""
+    seen = sum(p["train_images"] for p in parts)
+    return {"loss": sum(p["loss_sum"] for p in parts) / max(seen, 1),
+            "train_accuracy": sum(p["correct"] for p in parts) / max(seen, 1),
+            "images_per_s": float(sum(p["images_per_s"] for p in parts)), "train_images": seen}
+
+
+def check_loaded(train: Sequence[tuple[int, int]], val: Sequence[tuple[int, int]]) -> int:
+    """Every rank's (kept, skipped) image counts of its training set (all of it) and its validation
+    shard; returns the number of unreadable images, each counted once.
+
+    Raises when training cannot work: ranks that read different training sets would run different
+    numbers of steps and hang DDP (a file readable on one node only), and an empty split has
+    nothing to train or validate on.
+    """
+    if len(set(train)) > 1:
+        seen = ", ".join(f"rank {r}: {k}" for r, (k, _) in enumerate(train))
+        raise CxrError(f"the workers read different numbers of training images ({seen}): every node must see "
+                       "the same files at the same paths")
+    kept, skipped = train[0]
+    skipped += sum(s for _, s in val)
+    if kept == 0:
+        raise CxrError(f"no readable training images ({skipped} unreadable)")
+    if sum(k for k, _ in val) == 0:
+        raise CxrError(f"no readable validation images ({sum(s for _, s in val)} unreadable)")
+    return skipped
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ lives in ``cxr.training`` (plain PyTorch, testable without Ray).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,18 +26,18 @@ import ray.train.torch
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from cxr.config import TrainConfig, from_dict, save_json, to_dict
-from cxr.data import Sample, discover, fingerprint, split_by_patient
+from cxr.config import TrainConfig, check_train_config, from_dict, resume_config, save_json, to_dict
+from cxr.data import Sample, discover, fingerprint, split_by_patient, val_folds
 from cxr.errors import CxrError
 from cxr.export import ModelMetadata, save_export
 from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivity
 from cxr.hardware import cpu_has_fast_bf16
-from cxr.model import build_model
+from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
 from cxr.screening import open_fs, uri_prefix
 from cxr.training import (
-    DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler,
-    class_weights, ema_avg_fn, load_images, predict, seed_everything, train_one_epoch,
+    DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
+    class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
 )
 from jobs.common import cluster_address, init_ray
 
@@ -88,7 +89,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_imgs = load_images(config["train_paths"], config["train_targets"], cfg.preprocess.max_pixels)
     # every rank scores a disjoint slice of the validation set; results are gathered
     val_imgs = load_images(config["val_paths"][rank::world], config["val_targets"][rank::world], cfg.preprocess.max_pixels)
-    skipped = sum(_gather(train_imgs.n_skipped + val_imgs.n_skipped))
+    # every rank must train on the same set (else DDP hangs on unequal step counts); a train skip counts once
+    counts = _gather(((len(train_imgs.data), train_imgs.n_skipped), (len(val_imgs.data), val_imgs.n_skipped)))
+    skipped = check_loaded([t for t, _ in counts], [v for _, v in counts])
     if rank == 0 and skipped:
         _say(f"skipped {skipped} unreadable images")
     train_ds = XrayDataset(train_imgs, cfg.preprocess, make_train_augment(cfg.augment))
@@ -107,7 +110,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # Ray's own restore (worker retries within this run)
     if checkpoint is None and config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(config["resume_from"])  # --resume of a killed run
-    model = build_model(len(classes), "none" if checkpoint else cfg.pretrained)
+    model = build_model(len(classes))
+    if checkpoint is None and config.get("pretrained") is not None:
+        load_backbone(model, ray.get(config["pretrained"]))  # read once by the driver, shipped through the object store
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -129,6 +134,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], state["history"]
+        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:  # the LR schedule counts steps
+            raise CxrError(f"cannot resume: the run took {state['steps_per_epoch']} steps per epoch, this one would "
+                           f"take {steps_per_epoch} (a different number of readable training images)")
         best_auc, since_best = state.get("best_auc", -1.0), state.get("since_best", 0)
         if rank == 0:
             _say(f"resumed from checkpoint after epoch {start_epoch}/{cfg.epochs}")
@@ -144,12 +152,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 bar, config.get("max_steps"))
         eval_model = ema.module if ema is not None else plain
         probs = predict(eval_model, val_ds, cfg.batch_size * 2, device, amp, cfg.channels_last)
-        parts = _gather((probs, np.asarray(val_imgs.targets), stats["images_per_s"]))
+        parts = _gather((probs, np.asarray(val_imgs.targets, dtype=np.int64), stats))
         all_probs = np.concatenate([p for p, _, _ in parts if len(p)])
         all_targets = np.concatenate([t for _, t, _ in parts])
-        metrics = {"epoch": epoch + 1, **{k: stats[k] for k in ("loss", "train_accuracy")},
+        train_stats = merge_epoch_stats([st for _, _, st in parts])  # every rank's images, not rank 0's
+        metrics = {"epoch": epoch + 1, **{k: train_stats[k] for k in ("loss", "train_accuracy")},
                    **_val_metrics(all_probs, all_targets, classes, cfg.target_sensitivity),
-                   "images_per_s": float(sum(r for _, _, r in parts)), "lr": scheduler.get_last_lr()[-1],
+                   "images_per_s": train_stats["images_per_s"], "lr": scheduler.get_last_lr()[-1],
                    "epoch_seconds": time.time() - t0, "skipped_images": skipped}
         history.append(metrics)
         improved = metrics["val_auc"] > best_auc
@@ -163,6 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "model": plain.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch + 1, "history": history, "best_auc": best_auc, "since_best": since_best,
+                    "steps_per_epoch": steps_per_epoch,
                     "val_probs": all_probs, "val_targets": all_targets, "config": config["train"],
                 }, Path(tmp) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -280,25 +290,45 @@ def latest_checkpoint(storage: str) -> str | None:
     return next(complete_checkpoints(storage), None)
 
 
-def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, Any]:
-    """Train, pick the best checkpoint, choose the operating threshold, export. Returns the summary."""
+def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any = None) -> dict[str, Any]:
+    """Train, pick the best checkpoint, choose the operating threshold, export. Returns the summary.
+
+    With ``cfg.resume`` the run's saved config and split are authoritative: ``explicit`` names the
+    flags the user passed (None: all of ``cfg``), and any of them that would change the run is an
+    error (see :func:`cxr.config.resume_config`).
+    """
     output = Path(cfg.output).expanduser().resolve()
+    cfg = _resumed_config(cfg, output, explicit) if cfg.resume else check_train_config(cfg)
     samples = _limit(discover(cfg.data, "train"), cfg.limit, cfg.seed)
     for s in samples:
         s.target(cfg.task)  # unknown labels fail here, before any worker starts
-    train, val = split_by_patient(samples, cfg.val_fraction, cfg.seed, cfg.task)
-    if cfg.pretrained != "none" and not cfg.resume:
-        build_model(len(cfg.classes), cfg.pretrained)  # bad weights fail here, in one line, before Ray starts
     storage = _storage(cfg, output)
     if _has_run(storage) and not cfg.resume:
         raise CxrError(f"{storage}/{RUN_NAME} already holds a run: pass --resume to continue it, "
                        "or choose another --output/--storage")
     resume_from = latest_checkpoint(storage) if cfg.resume else None
+    split_file = output / "split.json"
+    if resume_from and not split_file.is_file():
+        raise CxrError(f"cannot --resume: {split_file} is missing, so the run's validation split is unknown")
+    reuse_split = cfg.resume and split_file.is_file()
+    if reuse_split:
+        train, val = saved_split(split_file, samples)
+        print(f"validation: the run's split ({split_file}): {len(val)} of {len(samples)} images", flush=True)
+    else:
+        train, val = split_by_patient(samples, cfg.val_fraction, cfg.seed, cfg.task)
+        print(f"validation: {len(val)} of {len(samples)} images ({len(val) / len(samples):.1%}), "
+              f"{len({s.patient_id for s in val})} patients (--val-fraction {cfg.val_fraction}: one fold of "
+              f"{val_folds(cfg.val_fraction)}, by patient)", flush=True)
+    weights = None
+    if cfg.pretrained != "none" and resume_from is None:
+        weights = pretrained_state_dict(cfg.pretrained)  # read once here; the workers get it through Ray
+        load_backbone(build_model(len(cfg.classes)), weights)  # bad weights fail here, in one line, before Ray starts
     if cfg.resume and resume_from is None:
         print(f"--resume: no checkpoint in {storage}/{RUN_NAME} yet; starting from scratch", flush=True)
     output.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, output / "config.json")
-    _write_split(output / "split.json", cfg, train, val)
+    save_json(dataclasses.replace(cfg, resume=False), output / "config.json")  # the run's config, not this call's
+    if not reuse_split:
+        _write_split(split_file, cfg, train, val)
     if not cfg.resume:
         (output / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -309,7 +339,9 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, An
             train_loop_per_worker,
             train_loop_config={
                 "train": to_dict(cfg), "output": str(output), "tty": sys.stdout.isatty(), "max_steps": max_steps,
-                "resume_from": resume_from,
+                "resume_from": resume_from, "pretrained": ray.put(weights) if weights is not None else None,
+                # GPU workers decode in DataLoader processes; a CPU worker's cores all go to the model
+                "loader_workers": max(0, cfg.cpus_per_worker - 1) if cfg.gpus else 0,
                 "train_paths": [s.path for s in train], "train_targets": [s.target(cfg.task) for s in train],
                 "val_paths": [s.path for s in val], "val_targets": [s.target(cfg.task) for s in val],
             },
@@ -336,6 +368,41 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None) -> dict[str, An
     finally:
         if started:
             ray.shutdown()
+
+
+def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfig:
+    """The config a ``--resume`` continues with: the run's config.json (else its newest checkpoint's)."""
+    path = output / "config.json"
+    if path.is_file():
+        saved = from_dict(TrainConfig, json.loads(path.read_text()))
+    else:
+        ckpt = latest_checkpoint(_storage(cfg, output))
+        if ckpt is None:
+            return check_train_config(cfg)  # no run to continue: a new one with these flags
+        saved = from_dict(TrainConfig, _load_state(ckpt)["config"])
+    cfg = resume_config(saved, cfg, explicit)
+    print(f"cxr train: --resume with the run's config: preset {cfg.preset}, {cfg.workers} worker(s), {cfg.epochs} "
+          f"epochs at {cfg.preprocess.image_size}px, pretrained={cfg.pretrained}, output {cfg.output}", flush=True)
+    return cfg
+
+
+def saved_split(path: Path, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) of a run's split.json over today's ``samples``, or an error if the data changed under it."""
+    saved = json.loads(path.read_text())
+    by_path = {s.path: s for s in samples}
+    if "paths" in saved["val"]:
+        val_paths = set(saved["val"]["paths"])
+    else:  # split.json of an older cxr: the validation patients
+        ids = set(saved["val"]["patient_ids"])
+        val_paths = {s.path for s in samples if s.patient_id in ids}
+    gone = sorted(p for p in val_paths if p not in by_path or not Path(p).exists())
+    if gone:
+        raise CxrError(f"cannot --resume: {len(gone)} of the run's {len(val_paths)} validation images are not in "
+                       f"--data any more (e.g. {gone[0]}); start a new run with another --output")
+    if fingerprint(samples) != saved.get("fingerprint") or len(val_paths) != saved["val"]["images"]:
+        raise CxrError(f"cannot --resume: the images in --data are not the ones of the run's split ({path}); "
+                       "start a new run with another --output")
+    return [s for s in samples if s.path not in val_paths], [s for s in samples if s.path in val_paths]
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -427,9 +494,10 @@ def _write_split(path: Path, cfg: TrainConfig, train: list[Sample], val: list[Sa
         return out
 
     path.write_text(json.dumps({
-        "seed": cfg.seed, "val_fraction": cfg.val_fraction, "grouped_by": "patient_id",
+        "seed": cfg.seed, "val_fraction": cfg.val_fraction, "val_share": round(len(val) / len(train + val), 4),
+        "grouped_by": "patient_id",
         "train": {"images": len(train), "patients": len({s.patient_id for s in train}), "by_label": counts(train)},
         "val": {"images": len(val), "patients": len({s.patient_id for s in val}), "by_label": counts(val),
-                "patient_ids": sorted({s.patient_id for s in val})},
+                "patient_ids": sorted({s.patient_id for s in val}), "paths": [s.path for s in val]},
         "fingerprint": fingerprint(train + val),
     }, indent=2) + "\n")

@@ -20,7 +20,7 @@ from cxr.export import load_export, read_metadata, save_export, ModelMetadata
 from cxr.metrics import binary_metrics, decide, threshold_for_sensitivity
 from cxr.model import build_model
 from cxr.preprocess import decode_image, detect_format, preprocess
-from cxr.training import LoadedImages, XrayDataset, load_images
+from cxr.training import LoadedImages, XrayDataset, check_loaded, load_images, merge_epoch_stats
 
 CFG = PreprocessConfig(image_size=64)
 
@@ -396,6 +396,47 @@ def test_config_round_trip_and_presets() -> None:
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
     with pytest.raises(CxrError, match="unknown preset"):
         resolve_train_config("huge", {})
+
+
+def test_warmup_only_with_pretrained_weights_and_one_gpu_per_worker() -> None:
+    assert resolve_train_config("gpu", {}).warmup_epochs == 2
+    assert resolve_train_config("gpu", {"pretrained": "none"}).warmup_epochs == 0
+    with pytest.raises(CxrError, match="--epochs .2. must be more than --warmup-epochs .2."):
+        resolve_train_config("gpu", {"epochs": 2})
+    with pytest.raises(CxrError, match="--gpus is GPUs per worker: 0 or 1"):
+        resolve_train_config("gpu", {"gpus": 2})
+
+
+def test_resume_keeps_the_saved_config_and_lists_changed_flags() -> None:
+    from cxr.config import resume_config
+
+    saved = resolve_train_config("gpu", {"data": "d", "output": "runs/a"})
+    # the README's short form: --data/--output/--resume over the default preset (cpu) continue the gpu run
+    given = resolve_train_config("cpu", {"data": "/abs/d", "output": "runs/b", "resume": True, "early_stop_patience": 9})
+    cfg = resume_config(saved, given, {"data", "output", "resume", "early_stop_patience"})
+    assert (cfg.preset, cfg.workers, cfg.batch_size, cfg.preprocess.image_size) == ("gpu", 4, 64, 224)
+    assert (cfg.data, cfg.output, cfg.resume, cfg.early_stop_patience) == ("/abs/d", "runs/b", True, 9)
+    with pytest.raises(CxrError) as err:
+        resume_config(saved, given, {"data", "output", "resume", "preset", "workers", "batch_size", "image_size"})
+    msg = str(err.value)
+    assert "\n" not in msg and "--preset cpu (the run has gpu)" in msg and "--workers 2 (the run has 4)" in msg
+    assert "--batch-size 32 (the run has 64)" in msg and "--image-size 128 (the run has 224)" in msg
+    assert resume_config(saved, cfg, None) == cfg  # passing the resolved config again changes nothing
+
+
+def test_training_stats_cover_every_rank_and_unusable_data_fails_clearly() -> None:
+    parts = [{"loss_sum": 8.0, "correct": 6, "train_images": 8, "images_per_s": 10.0},
+             {"loss_sum": 4.0, "correct": 2, "train_images": 8, "images_per_s": 12.0}]
+    merged = merge_epoch_stats(parts)
+    assert merged["loss"] == 0.75 and merged["train_accuracy"] == 0.5 and merged["images_per_s"] == 22.0
+    # (kept, skipped) per rank: every rank reads the whole training set, so its skips count once
+    assert check_loaded([(10, 1), (10, 1)], [(2, 0), (0, 1)]) == 2
+    with pytest.raises(CxrError, match="different numbers of training images .rank 0: 10, rank 1: 9."):
+        check_loaded([(10, 1), (9, 2)], [(2, 0), (2, 0)])
+    with pytest.raises(CxrError, match="no readable training images .4 unreadable."):
+        check_loaded([(0, 4), (0, 4)], [(1, 0), (0, 0)])
+    with pytest.raises(CxrError, match="no readable validation images"):
+        check_loaded([(4, 0), (4, 0)], [(0, 1), (0, 0)])
 
 
 def test_threshold_for_sensitivity_and_decision() -> None:

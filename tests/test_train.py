@@ -93,6 +93,15 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     _wait_for(lambda: any(ckpts.glob("checkpoint_*/state.pt")), 600, first)
     first.kill()  # kill -9 mid-run: after epoch 1's checkpoint, before the end
     assert not (out / "model").exists()
+    config, split = (out / "config.json").read_text(), (out / "split.json").read_text()
+
+    # a resume that would change the run (here its steps per epoch, so its LR schedule) is one clear line
+    refused = TrainProcess(["--resume", *args, "--workers", "1", "--batch-size", "4"], tmp / "refused.log")
+    procs.append(refused)
+    assert refused.wait(timeout=300) == 2, refused.output()[-2000:]
+    errors = [ln for ln in refused.output().splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused.output(), refused.output()[-2000:]
+    assert "--workers 1 (the run has 2)" in errors[0] and "--batch-size 4 (the run has 8)" in errors[0]
 
     again = TrainProcess(["--resume", *args], tmp / "again.log")
     procs.append(again)
@@ -103,7 +112,8 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     assert 1 <= resumed_after < 3
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]  # no epoch repeated or lost
-    assert (out / "curves.png").stat().st_size > 0 and (out / "split.json").is_file()
+    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "config.json").read_text() == config and (out / "split.json").read_text() == split
 
     # the export loads through the one loader and scores through the engines
     model, meta = load_export(out / "model")
@@ -116,10 +126,13 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     np.testing.assert_allclose(torch_p.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(torch_p, onnx_p, atol=1e-4)
 
-    # --resume of a finished run trains nothing and exports the same best checkpoint again
-    finished = TrainProcess(["--resume", *args], tmp / "finished.log")
+    # --resume of a finished run trains nothing and exports the same best checkpoint again; the short
+    # form takes the run's saved config (preset tiny, 3 epochs, 32 px), not the cpu preset's defaults
+    finished = TrainProcess(["--resume", "--data", str(data_dir), "--output", str(out)], tmp / "finished.log")
     procs.append(finished)
     assert finished.wait(timeout=600) == 0, finished.output()[-3000:]
+    assert "--resume with the run's config: preset tiny, 2 worker(s), 3 epochs at 32px" in finished.output()
+    assert (out / "config.json").read_text() == config and (out / "split.json").read_text() == split
     assert read_metadata(out / "model").model_id == meta.model_id
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
@@ -144,3 +157,78 @@ def test_missing_data_dir_fails_before_ray(tmp_path: Path) -> None:
     proc = subprocess.run(CLI + ["train", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: data not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _manifest_data(root: Path, data_dir: Path, per_class: int = 10) -> Path:
+    """A CSV manifest as Excel writes it (UTF-8 with a byte-order mark) over copies of real X-rays."""
+    root.mkdir()
+    rows = ["path,label,patient_id"]
+    for label in ("NORMAL", "PNEUMONIA"):
+        for i, p in enumerate(sorted((data_dir / "train" / label).glob("*.jpeg"))[:per_class]):
+            (root / p.name).write_bytes(p.read_bytes())
+            rows.append(f"{p.name},{label},{label[0]}{i}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    return root / "manifest.csv"
+
+
+def test_unreadable_images_count_once_and_an_empty_validation_shard_is_fine(run_dir, data_dir: Path) -> None:
+    """One unreadable training image is one skip (not one per rank); rank 1's only validation image is
+    unreadable, so its shard is empty and the gathered targets must stay integers. Also: a BOM'd CSV
+    manifest and --pretrained PATH."""
+    from cxr.data import discover, split_by_patient
+
+    tmp, procs = run_dir
+    manifest = _manifest_data(tmp / "data", data_dir)
+    train, val = split_by_patient(discover(manifest), 0.1, seed=42)  # what the run will split (tiny: seed 42)
+    assert len(val) == 2  # one per rank
+    for s in (train[0], val[1]):
+        Path(s.path).write_bytes(b"not an image")
+    # --pretrained PATH: read by the driver once, shipped to the workers (RGB conv1 folded to gray)
+    import torch
+    from torchvision.models import resnet50
+
+    torch.save(resnet50(weights=None).state_dict(), tmp / "weights.pth")
+    out = tmp / "run"
+    proc = TrainProcess(["--data", str(manifest), "--output", str(out), *TINY, "--batch-size", "4",
+                         "--val-fraction", "0.1", "--pretrained", str(tmp / "weights.pth")], tmp / "run.log")
+    procs.append(proc)
+    assert proc.wait(timeout=600) == 0, proc.output()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_images"] == 2 and summary["val_images"] == 2
+    assert read_metadata(out / "model").val_metrics["n_val"] == 1
+    assert json.loads((out / "split.json").read_text())["val"]["paths"] == [s.path for s in val]
+
+
+def test_no_readable_training_image_is_one_clear_line(run_dir, data_dir: Path) -> None:
+    tmp, procs = run_dir
+    manifest = _manifest_data(tmp / "data", data_dir, per_class=5)
+    for p in manifest.parent.glob("*.jpeg"):
+        p.write_bytes(b"")
+    proc = TrainProcess(["--data", str(manifest), "--output", str(tmp / "run"), *TINY, "--val-fraction", "0.2"],
+                        tmp / "run.log")
+    procs.append(proc)
+    assert proc.wait(timeout=600) == 2
+    errors = [ln for ln in proc.output().splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "no readable training images (10 unreadable)" in errors[0], proc.output()[-3000:]
+
+
+def test_resume_reuses_the_saved_split_and_refuses_changed_data(tmp_path: Path, sample_images: list[Path]) -> None:
+    from cxr.config import TrainConfig
+    from cxr.data import Sample, discover, split_by_patient
+    from cxr.errors import CxrError
+    from jobs.train import _write_split, saved_split
+
+    for p in sample_images:
+        (tmp_path / "train" / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / p.parent.name / p.name).write_bytes(p.read_bytes())
+    samples = discover(tmp_path)
+    train, val = split_by_patient(samples, 0.25, seed=3)
+    _write_split(tmp_path / "split.json", TrainConfig(seed=3, val_fraction=0.25), train, val)
+    assert saved_split(tmp_path / "split.json", samples) == (train, val)
+
+    extra = Sample(str(tmp_path / "train" / "NORMAL" / "IM-9999-0001.jpeg"), "normal", "normal", "IM-9999")
+    with pytest.raises(CxrError, match="not the ones of the run's split"):
+        saved_split(tmp_path / "split.json", sorted(samples + [extra], key=lambda s: s.path))
+    Path(val[0].path).unlink()
+    with pytest.raises(CxrError, match="1 of the run's .* validation images are not in --data any more"):
+        saved_split(tmp_path / "split.json", samples)

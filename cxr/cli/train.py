@@ -11,17 +11,20 @@ from cxr.config import TRAIN_PRESETS
 @click.command(context_settings={"max_content_width": 100})
 @click.option("--data", required=True, metavar="PATH",
               help="Kaggle layout ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*, a folder with MANIFEST.csv, "
-                   "or a manifest file (CSV/Parquet: path,label[,subtype,patient_id,split]).")
+                   "or a manifest file (CSV/Parquet: path,label[,subtype,patient_id,split]). A local path: on a "
+                   "cluster, a filesystem mounted at the same path on every node (not an s3:// URI).")
 @click.option("--output", default="runs/latest", show_default=True, metavar="DIR",
               help="Run folder: model/ (the export), metrics.jsonl, curves.png, config.json, split.json.")
 @click.option("--preset", type=click.Choice(sorted(TRAIN_PRESETS)), default="cpu", show_default=True,
               help="Recipe: cpu = from scratch on a small CPU machine in < 45 min; gpu = ImageNet fine-tune at "
                    "224 on a GPU cluster; tiny = seconds-long smoke run. Flags below override it.")
 @click.option("--workers", type=int, help="DDP workers (Ray Train actors).  [cpu preset: 2]")
-@click.option("--gpus", type=int, help="GPUs per worker (0 = CPU workers over gloo; >0 = NCCL).")
+@click.option("--gpus", type=int, help="GPUs per worker: 0 (CPU workers over gloo) or 1 (NCCL); "
+              "--workers N for N GPUs.")
 @click.option("--cpus-per-worker", type=int, help="CPUs reserved per worker (also its torch threads).")
 @click.option("--epochs", type=int, help="Total epochs, warm-up included.")
-@click.option("--warmup-epochs", type=int, help="Frozen-backbone epochs before fine-tuning (pretrained runs).")
+@click.option("--warmup-epochs", type=int, help="Frozen-backbone epochs before fine-tuning (pretrained runs; "
+              "0 with --pretrained none). Must be less than --epochs.")
 @click.option("--limit", type=int, help="Use at most N images (class-stratified, seeded): for smoke runs.")
 @click.option("--image-size", type=int, help="Square input side in pixels.")
 @click.option("--batch-size", type=int, help="Batch size per worker.")
@@ -34,9 +37,13 @@ from cxr.config import TRAIN_PRESETS
               help="Class imbalance: weighted loss, class-balanced sampling, or nothing.")
 @click.option("--storage", metavar="DIR|URI", help="Checkpoint storage (local dir or s3://, gs://...). "
               "Default: OUTPUT/checkpoints.")
-@click.option("--resume", is_flag=True, default=None, help="Continue the run in --output/--storage from its last checkpoint.")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue the run in --output from its last checkpoint, with the run's saved config and split "
+                   "(config.json, split.json); other flags may only change --cpus-per-worker, "
+                   "--target-sensitivity and --early-stop-patience.")
 @click.option("--seed", type=int, help="Seed for the split, sampling and init.  [42]")
-@click.option("--val-fraction", type=float, help="Share of patients held out for validation.  [0.15]")
+@click.option("--val-fraction", type=float, help="Share of patients held out for validation, approximately: "
+              "one fold of k, the nearest 1/k (0.15 -> 1/7).  [0.15]")
 @click.option("--target-sensitivity", type=float,
               help="Operating point: the threshold is set on validation for this sensitivity.  [0.98]")
 @click.option("--early-stop-patience", type=int, help="Stop after N epochs without val AUC gain (0 = off).")
@@ -56,17 +63,22 @@ def train(**flags) -> None:
     Examples:
       cxr train --data ../shared/data/chest_xray --output runs/r1 --workers 2
       cxr train --data ../shared/data/chest_xray --output runs/r1 --resume
-      cxr train --data s3data/manifest.parquet --preset gpu --workers 8 --gpus 1 --storage s3://bucket/ckpt
+      cxr train --data /mnt/xrays/manifest.parquet --preset gpu --workers 8 --gpus 1 --storage s3://bucket/ckpt
     """
+    from click.core import ParameterSource
+
     from cxr.config import resolve_train_config
 
+    ctx = click.get_current_context()
+    explicit = {name for name in flags if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
     preset = flags.pop("preset")
     cfg = resolve_train_config(preset, flags)
-    click.echo(f"cxr train: preset {preset}, {cfg.workers} worker(s), {cfg.epochs} epochs at "
-               f"{cfg.preprocess.image_size}px, pretrained={cfg.pretrained}, output {cfg.output}")
+    if not cfg.resume:  # a resumed run takes its saved config: jobs.train prints it once read
+        click.echo(f"cxr train: preset {preset}, {cfg.workers} worker(s), {cfg.epochs} epochs at "
+                   f"{cfg.preprocess.image_size}px, pretrained={cfg.pretrained}, output {cfg.output}")
     from jobs.train import run_training
 
-    summary = run_training(cfg)
+    summary = run_training(cfg, explicit=explicit)
     _print_summary(summary)
 
 
