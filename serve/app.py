@@ -9,9 +9,9 @@ Request path (nothing blocks the replica's event loop):
   the engine ``cxr screen`` uses) in a single inference thread -> JSON.
 
 Errors are JSON ``{"code", "message", "request_id"}`` with statuses from the
-typed ``ImageError.code`` (``IMAGE_ERROR_STATUS``; whatever else decoding one
-image raises, and an image without a finite prediction, is that image's 422
-``corrupt``); an unexpected failure is a JSON 503 and the replica keeps serving,
+typed ``ImageError.code`` (``IMAGE_ERROR_STATUS``; ``cxr.preprocess`` turns
+whatever else a decoder raises into ``corrupt``, and an image without a finite
+prediction is that image's 422 ``corrupt`` too); an unexpected failure is a JSON 503 and the replica keeps serving,
 while repeated engine failures fail the health check so Serve replaces the
 replica. Metrics: see serve/README.md.
 
@@ -45,7 +45,7 @@ from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxr import __version__
-from cxr.config import PreprocessConfig, ServeConfig, from_dict
+from cxr.config import ServeConfig, from_dict
 from cxr.errors import CxrError, ImageError
 from cxr.metrics import decide, pneumonia_score
 from cxr.preprocess import preprocess  # torch-free: cheap to import in every Serve process
@@ -204,21 +204,6 @@ def image_parts(parts: list[tuple[str | None, str | None, bytes]]) -> list[tuple
     return [(filename, data) for name, filename, data in parts if filename is not None or name in FILE_FIELDS]
 
 
-def preprocess_image(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
-    """THE ``preprocess`` for one request's image (runs in the thread pool).
-
-    Whatever else a decoder raises on a bad file (PIL: "conversion from LAB to RGB not supported";
-    pydicom: a window width of 0) is still that image's fault: ``ImageError('corrupt')``, a 422 for
-    this image only, never a 503 that invites a retry of the same bytes.
-    """
-    try:
-        return preprocess(data, cfg)
-    except (ImageError, MemoryError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        raise ImageError("corrupt", f"image could not be decoded: {type(exc).__name__}: {exc}"[:300]) from exc
-
-
 def _json_log_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -344,7 +329,7 @@ class CxrModel:
 
     async def _probs(self, data: bytes) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        x = await loop.run_in_executor(self._pre_pool, preprocess_image, data, self.meta.preprocess)
+        x = await loop.run_in_executor(self._pre_pool, preprocess, data, self.meta.preprocess)  # THE preprocessing
         probs = await self._infer(x)
         if probs is None:
             raise ImageError("corrupt", "the image gave no finite prediction (non-finite pixel values?)")
