@@ -64,3 +64,36 @@ def ray_local():
     init_ray(num_cpus=2, dashboard=False, log_to_driver=False)  # retried: a loaded machine can miss Ray's start-up wait
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_dicom():
+    """Builds uncompressed DICOM bytes: ``make_dicom(pixels, photometric, **attributes)`` (16 bits stored).
+
+    ``attributes`` set further data elements, e.g. ``NumberOfFrames=3`` or ``WindowWidth=0``.
+    """
+    import io
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def build(pixels, photometric: str = "MONOCHROME2", **attributes) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Rows, ds.Columns = pixels.shape[-2:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        for name, value in attributes.items():
+            setattr(ds, name, value)
+        ds.PixelData = np.asarray(pixels).astype(np.uint16).tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+
+    return build

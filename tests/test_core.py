@@ -102,36 +102,14 @@ def test_exif_orientation_is_applied(sample_images: list[Path]) -> None:
     assert np.abs(got - np.asarray(img) / 255.0).mean() < 0.02
 
 
-def test_dicom_matches_source(tmp_path: Path, sample_images: list[Path]) -> None:
+def test_dicom_matches_source(sample_images: list[Path], make_dicom) -> None:
     """MONOCHROME2 16-bit and MONOCHROME1 (inverted) DICOM decode to the source pixels."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     a8 = np.asarray(Image.open(sample_images[3]).convert("L"), dtype=np.uint16)
-
-    def dicom(pixels: np.ndarray, photometric: str) -> bytes:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-        path = tmp_path / f"{photometric}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        return path.read_bytes()
-
-    mono2 = dicom(a8 * 257, "MONOCHROME2")
-    mono1 = dicom(65535 - a8 * 257, "MONOCHROME1")
+    mono2 = make_dicom(a8 * 257, "MONOCHROME2")
+    mono1 = make_dicom(65535 - a8 * 257, "MONOCHROME1")
     assert detect_format(mono2) == "dicom"
     np.testing.assert_allclose(decode_image(mono2), a8 / 255.0, atol=1e-6)
     np.testing.assert_allclose(decode_image(mono1), a8 / 255.0, atol=1e-6)
-    assert pydicom  # imported for the writer
 
 
 @pytest.mark.parametrize(

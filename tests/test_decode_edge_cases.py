@@ -7,7 +7,6 @@ exception, and never a non-finite model input (NaN probabilities would be labell
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,36 +17,13 @@ from cxr.errors import ImageError
 from cxr.preprocess import preprocess
 
 CFG = PreprocessConfig(image_size=32)
+PIXELS = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16)
 
 
 def _tiff(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="TIFF")
     return buf.getvalue()
-
-
-def _dicom(tmp_path: Path, frames: int = 1, window_width: float | None = None) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = 16, 16
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    if window_width is not None:
-        ds.WindowCenter, ds.WindowWidth = 100, window_width
-    ds.PixelData = np.arange(16 * 16 * frames, dtype=np.uint16).tobytes()
-    path = tmp_path / "x.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path.read_bytes()
 
 
 def _inf_pixel() -> bytes:
@@ -57,14 +33,14 @@ def _inf_pixel() -> bytes:
 
 
 @pytest.mark.parametrize("name,make,code", [
-    ("lab_tiff", lambda tmp: _tiff(Image.new("LAB", (16, 16))), "corrupt"),  # PIL: "conversion from LAB ... not supported"
-    ("float_tiff_with_inf", lambda tmp: _inf_pixel(), "corrupt"),
-    ("dicom_window_width_0", lambda tmp: _dicom(tmp, window_width=0), "dicom_invalid"),
-    ("dicom_multi_frame", lambda tmp: _dicom(tmp, frames=3), "unsupported"),
+    ("lab_tiff", lambda dcm: _tiff(Image.new("LAB", (16, 16))), "corrupt"),  # PIL: "conversion from LAB ... not supported"
+    ("float_tiff_with_inf", lambda dcm: _inf_pixel(), "corrupt"),
+    ("dicom_window_width_0", lambda dcm: dcm(PIXELS, WindowCenter=100, WindowWidth=0), "dicom_invalid"),
+    ("dicom_multi_frame", lambda dcm: dcm(np.stack([PIXELS] * 3), NumberOfFrames=3), "unsupported"),
 ])
-def test_decoder_surprises_become_typed_errors(tmp_path: Path, name: str, make, code: str) -> None:
+def test_decoder_surprises_become_typed_errors(make_dicom, name: str, make, code: str) -> None:
     with pytest.raises(ImageError) as err:
-        preprocess(make(tmp_path), CFG)
+        preprocess(make(make_dicom), CFG)
     assert err.value.code == code, (name, str(err.value))
 
 
