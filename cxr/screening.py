@@ -255,6 +255,18 @@ def uri_prefix(location: str) -> str:
     return location.split("://", 1)[0] + "://" if "://" in location else ""
 
 
+def child_uri(location: str, fs_path: str) -> str:
+    """The URI of ``fs_path`` inside ``location``'s filesystem, with ``location``'s ``?query`` kept.
+
+    ``open_fs`` drops the query (``s3://b/ckpt?endpoint_override=minio:9000&region=x``); a URI
+    rebuilt without it for another reader (Ray's Checkpoint) would name the default endpoint.
+    """
+    if "://" not in location:
+        return fs_path
+    query = location.split("?", 1)[1] if "?" in location else ""
+    return uri_prefix(location) + fs_path + (f"?{query}" if query else "")
+
+
 def list_parts(fs: pafs.FileSystem, out_dir: str) -> list[str]:
     """Completed result parts, oldest first (part names start with a UTC timestamp)."""
     res = f"{out_dir}/{RESULTS_DIR}"

@@ -34,7 +34,7 @@ from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivi
 from cxr.hardware import cpu_has_fast_bf16
 from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
-from cxr.screening import open_fs, uri_prefix
+from cxr.screening import child_uri, open_fs
 from cxr.training import (
     DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
     class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
@@ -282,7 +282,7 @@ def complete_checkpoints(storage: str) -> Iterator[str]:
                         continue
             except (zipfile.BadZipFile, OSError):
                 continue
-        yield uri_prefix(storage) + d
+        yield child_uri(storage, d)  # keeps an s3://...?endpoint_override= query for Ray's Checkpoint
 
 
 def latest_checkpoint(storage: str) -> str | None:

@@ -169,6 +169,15 @@ def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.Lo
     assert "not valid UTF-8" in caplog.text
 
 
+def test_child_uris_keep_the_location_query() -> None:
+    """Checkpoint URIs rebuilt from a listing must keep ?endpoint_override= (MinIO), or they name AWS."""
+    loc = "s3://bucket/ckpt?endpoint_override=minio:9000&region=eu-1"
+    assert S.child_uri(loc, "bucket/ckpt/cxr/checkpoint_1") == \
+        "s3://bucket/ckpt/cxr/checkpoint_1?endpoint_override=minio:9000&region=eu-1"
+    assert S.child_uri("gs://b/x", "b/x/y") == "gs://b/x/y"
+    assert S.child_uri("/local/dir", "/local/dir/y") == "/local/dir/y"
+
+
 def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:
     man = tmp_path / "labels.csv"
     man.write_text("path,label,subtype,sha256\nimgs/a.png,PNEUMONIA,virus,\nelsewhere/b.png,NORMAL,normal," + "f" * 64 + "\n")
