@@ -54,7 +54,8 @@ class _ProgressLine:
               help="Rescore the selected files even if already done (new rows supersede old ones); on a folder "
                    "holding another model's results, remove them and take the folder over.")
 @click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file this run processed could not be scored (default: error rows, exit 0). "
-                   "Files that failed in an earlier run count as done and are not retried; --force retries them.")
+                   "Files that failed in an earlier run (other than read_failed) count as done and are not retried; "
+                   "--force retries them.")
 @click.option("--batch-size", type=click.IntRange(min=0), default=_D.batch_size, show_default=True,
               help="Images per inference call; 0 = where the engine is fastest: 16 for torch-bf16 on a CPU, "
                    "32 for onnx and torch on a CPU, 64 on a GPU.")
@@ -82,7 +83,8 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     with an image extension that are not images become error rows.
 
     \b
-    Every input file gets exactly one row (schema: cxr/screening.py), error
+    Every input file gets exactly one current row (schema: cxr/screening.py;
+    a file rescored later gets a newer row, and readers keep the newest), error
     rows included: error_code is one of empty, not_image, corrupt, truncated,
     too_large, unsupported, dicom_invalid, read_failed. Results land in
     OUTPUT/results/part-*.parquet as they finish; a rerun (or a run after the
