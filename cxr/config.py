@@ -259,6 +259,12 @@ def resolve_train_config(preset: str, overrides: dict[str, Any]) -> TrainConfig:
     return check_train_config(from_dict(TrainConfig, {**values, "preprocess": pre, "augment": aug}))
 
 
+def describe_run(cfg: TrainConfig) -> str:
+    """The recipe in one line, as a run prints it when it starts (new or resumed)."""
+    return (f"preset {cfg.preset}, {cfg.workers} worker(s), {cfg.epochs} epochs at {cfg.preprocess.image_size}px, "
+            f"pretrained={cfg.pretrained}, output {cfg.output}")
+
+
 def check_train_config(cfg: TrainConfig) -> TrainConfig:
     """A new run's config made consistent, or a one-line error.
 

@@ -26,7 +26,9 @@ import ray.train.torch
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from cxr.config import TrainConfig, check_train_config, from_dict, resume_config, save_json, to_dict
+from cxr.config import (
+    TrainConfig, check_train_config, describe_run, from_dict, resume_config, save_json, to_dict,
+)
 from cxr.data import Sample, discover, fingerprint, split_by_patient, val_folds
 from cxr.errors import CxrError
 from cxr.export import ModelMetadata, save_export
@@ -381,21 +383,20 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfi
             return check_train_config(cfg)  # no run to continue: a new one with these flags
         saved = from_dict(TrainConfig, _load_state(ckpt)["config"])
     cfg = resume_config(saved, cfg, explicit)
-    print(f"cxr train: --resume with the run's config: preset {cfg.preset}, {cfg.workers} worker(s), {cfg.epochs} "
-          f"epochs at {cfg.preprocess.image_size}px, pretrained={cfg.pretrained}, output {cfg.output}", flush=True)
+    print(f"cxr train: --resume with the run's config: {describe_run(cfg)}", flush=True)
     return cfg
 
 
 def saved_split(path: Path, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
     """(train, val) of a run's split.json over today's ``samples``, or an error if the data changed under it."""
     saved = json.loads(path.read_text())
-    by_path = {s.path: s for s in samples}
+    known = {s.path for s in samples}
     if "paths" in saved["val"]:
         val_paths = set(saved["val"]["paths"])
     else:  # split.json of an older cxr: the validation patients
         ids = set(saved["val"]["patient_ids"])
         val_paths = {s.path for s in samples if s.patient_id in ids}
-    gone = sorted(p for p in val_paths if p not in by_path or not Path(p).exists())
+    gone = sorted(p for p in val_paths if p not in known or not Path(p).exists())
     if gone:
         raise CxrError(f"cannot --resume: {len(gone)} of the run's {len(val_paths)} validation images are not in "
                        f"--data any more (e.g. {gone[0]}); start a new run with another --output")

@@ -67,15 +67,14 @@ def train(**flags) -> None:
     """
     from click.core import ParameterSource
 
-    from cxr.config import resolve_train_config
+    from cxr.config import describe_run, resolve_train_config
 
     ctx = click.get_current_context()
     explicit = {name for name in flags if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
     preset = flags.pop("preset")
     cfg = resolve_train_config(preset, flags)
     if not cfg.resume:  # a resumed run takes its saved config: jobs.train prints it once read
-        click.echo(f"cxr train: preset {preset}, {cfg.workers} worker(s), {cfg.epochs} epochs at "
-                   f"{cfg.preprocess.image_size}px, pretrained={cfg.pretrained}, output {cfg.output}")
+        click.echo(f"cxr train: {describe_run(cfg)}")
     from jobs.train import run_training
 
     summary = run_training(cfg, explicit=explicit)
