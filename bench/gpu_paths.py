@@ -8,8 +8,10 @@ Ray-free building blocks the jobs are made of, the way the jobs call them:
    DDP, then :func:`cxr.training.train_one_epoch` (a) on in-memory batches, fp32 NCHW (the notebook
    recipe) vs bf16 autocast + channels_last (cxr's recipe), the GPU step rate alone, and (b) on real
    JPEGs through ``XrayDataset`` + augmentation + the DataLoader processes of the ``gpu`` preset
-   (7 per GPU) and of all cores, which says whether the CPUs keep the GPU busy. Training goes on
-   across (b) with EMA, so the model the later sections export has learnt something.
+   (7 per GPU) and of all cores, which says whether the CPUs keep the GPU busy; the baseline there
+   is the augmentation as torchvision v2 transforms on tensors (cxr's before 2026-11-26), and one
+   variant drops the per-step EMA. Training goes on across (b), so the model the later sections
+   export has learnt something.
 2. ``export``: :func:`cxr.export.save_export` (weights, ONNX, TorchScript) of that model.
 3. ``engines``: ``load_engine(auto)`` (TorchScript, bf16, channels_last on the GPU), the fp32 torch
    engine and ONNX Runtime against fp32 PyTorch on the CPU, on held-out images.
