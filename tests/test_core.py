@@ -67,6 +67,33 @@ def test_resize_equals_torch_antialiased_bilinear() -> None:
         np.testing.assert_allclose(got, ref, atol=3e-5)
 
 
+def test_augment_is_torchvisions_transforms_applied_by_pil(sample_images: list[Path]) -> None:
+    """Training augmentation draws torchvision's parameters from the same generator and applies them with
+    PIL: with one seed it gives what RandomResizedCrop + RandomAffine on a tensor give (the recipe the
+    CPU preset was tuned with), only faster; and different seeds give different images."""
+    from torchvision.transforms import v2
+
+    from cxr.config import AugmentConfig
+    from cxr.preprocess import make_train_augment
+
+    aug_cfg = AugmentConfig(contrast=0.0, brightness=0.0)
+    augment = make_train_augment(aug_cfg)
+    img = decode_image(sample_images[0].read_bytes())[None]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ref = v2.RandomResizedCrop(96, scale=(aug_cfg.scale_min, 1.0), ratio=(aug_cfg.ratio_min, aug_cfg.ratio_max),
+                                   antialias=True)(torch.from_numpy(img))
+        ref = v2.RandomAffine(degrees=aug_cfg.rotate_deg, translate=(aug_cfg.translate, aug_cfg.translate))(ref)
+        torch.manual_seed(seed)
+        got = augment(img, 96)
+        assert got.shape == (1, 96, 96) and got.dtype == np.float32
+        assert np.abs(got - ref.numpy()).mean() < 1e-3
+    torch.manual_seed(0)
+    first = augment(img, 96)
+    assert np.abs(augment(img, 96) - first).mean() > 1e-2
+
+
+
 def test_16bit_png_matches_8bit_source(sample_images: list[Path]) -> None:
     """16-bit data is scaled by its depth, not clipped: an 8->16-bit copy decodes to the same values."""
     src = Image.open(sample_images[0]).convert("L")
@@ -303,6 +330,21 @@ def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
     assert not np.array_equal(probs["torch-bf16"], probs["torch"])  # autocast really ran in bf16
     with pytest.raises(CxrError, match="unknown engine"):
         load_engine(tmp_path / "m", "tensorrt")
+
+
+def test_onnx_on_a_gpu_machine_without_onnxruntime_gpu_says_it_runs_on_the_cpu(tmp_path: Path, caplog) -> None:
+    """The plain onnxruntime wheel on a GPU node (as on the lent H200) falls back to the CPU: it must say so."""
+    import onnxruntime
+
+    from cxr.engine import _ort_session
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    save_export(tmp_path / "m", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
+    with caplog.at_level("WARNING", logger="cxr"):
+        session = _ort_session(tmp_path / "m" / "model.onnx", threads=1, gpu=True)
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert "no CUDAExecutionProvider" in caplog.text and "onnxruntime-gpu" in caplog.text
 
 
 def _score_in_fresh_process(model_dir: Path, backend: str, x: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, set[str]]:
