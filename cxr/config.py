@@ -16,7 +16,8 @@ from typing import Any, Literal, TypeVar, get_args
 EngineName = Literal["auto", "torch", "torch-bf16", "onnx"]
 ENGINES: tuple[str, ...] = get_args(EngineName)  # the --engine choices of `cxr screen` and `cxr serve`
 ENGINE_HELP = ("auto = PyTorch with bf16 autocast + channels_last on GPUs and on CPUs with native bf16 "
-               "(AVX512-BF16/AMX), else ONNX Runtime fp32; torch = PyTorch fp32 on CPU; torch-bf16 = bf16 on CPU too.")
+               "(AVX512-BF16/AMX), else ONNX Runtime fp32; onnx = ONNX Runtime fp32 (on a GPU only with "
+               "onnxruntime-gpu installed); torch = PyTorch, fp32 on CPU, bf16 on GPU; torch-bf16 = bf16 on CPU too.")
 
 ARCH = "resnet50"  # what cxr.model.build_model builds (recorded in every export's metadata)
 

@@ -129,6 +129,10 @@ def _ort_session(path: str | Path, threads: int, gpu: bool):
     providers = ["CPUExecutionProvider"]
     if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
+    elif gpu:  # the plain onnxruntime wheel: it works, on the CPU, which nobody asking for a GPU expects
+        logging.getLogger("cxr").warning(
+            "onnxruntime %s has no CUDAExecutionProvider: the ONNX engine runs on the CPU, not the GPU "
+            "(install onnxruntime-gpu, or use --engine auto, which runs PyTorch on GPUs)", ort.__version__)
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
@@ -151,8 +155,13 @@ class TorchEngine:
     """PyTorch, channels_last; bf16 autocast on GPU, and on CPU when asked (``torch-bf16``).
 
     bf16 is the precision training evaluated in (autocast on GPUs and on CPUs
-    with native bf16), so the exported threshold was chosen on bf16 scores; it
-    differs from fp32 by ~1e-3 in probability, hence opt-in on CPU.
+    with native bf16), so the exported threshold was chosen on bf16 scores. It
+    is not fp32: on an H200, over 400 held-out images, bf16 probabilities were
+    up to 0.040 from fp32 PyTorch on the CPU (fp32 on the GPU, with cuDNN's
+    TF32 convolutions, up to 0.0045), no decision changed, and the AUC was
+    the same (BENCHMARKS.md, "GPU paths"). Hence opt-in on CPU. On a GPU both
+    torch engines run bf16: fp32 there would cost ~1.45x the time for a score
+    that still is not the CPU's.
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, bf16: bool | None = None) -> None:
