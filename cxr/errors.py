@@ -27,6 +27,7 @@ class ImageError(CxrError):
         "unsupported",  # a valid image we cannot represent (e.g. compressed DICOM without codec)
         "dicom_invalid",  # DICOM without usable pixel data
         "read_failed",  # the file could not be read at all (I/O error)
+        "out_of_memory",  # the worker ran out of memory on it: not the file's fault, so a rerun retries it
     )
 
     def __init__(self, code: str, message: str) -> None:

@@ -64,13 +64,21 @@ def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> 
     """
     try:
         img = _decode(data, max_pixels)
-    except ImageError:
+    except ImageError as exc:
+        if isinstance(exc.__context__, MemoryError):  # a decoder's own handler caught it: still not the file's fault
+            raise _out_of_memory(exc.__context__) from None
         raise
+    except MemoryError as exc:
+        raise _out_of_memory(exc) from None
     except Exception as exc:  # noqa: BLE001 - e.g. a PIL mode with no grey conversion (LAB), a bad DICOM LUT
         raise ImageError("corrupt", f"image could not be converted to grey levels: {type(exc).__name__}: {exc}") from None
     if not np.isfinite(img).all():  # a float TIFF with inf/NaN pixels, a DICOM rescale to infinity
         raise ImageError("corrupt", "image has non-finite pixel values (NaN or infinity)")
     return img
+
+
+def _out_of_memory(exc: MemoryError) -> ImageError:
+    return ImageError("out_of_memory", f"ran out of memory decoding the image (within the pixel cap): {exc}")
 
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:
@@ -217,9 +225,14 @@ def max_file_bytes(max_pixels: int) -> int:
 def preprocess(data: bytes, cfg: PreprocessConfig, augment: Augment | None = None) -> np.ndarray:
     """THE preprocessing function: image bytes -> model input (1xSxS float32).
 
-    Raises :class:`ImageError` (typed ``code``) for unusable inputs.
+    Raises :class:`ImageError` (typed ``code``) for unusable inputs, and ``out_of_memory`` when the
+    process has no memory left for one within the pixel cap (a rerun, or a client, retries it).
     """
-    return to_model_input(decode_image(data, cfg.max_pixels), cfg, augment)
+    img = decode_image(data, cfg.max_pixels)
+    try:
+        return to_model_input(img, cfg, augment)
+    except MemoryError as exc:
+        raise _out_of_memory(exc) from None
 
 
 def image_size_of(data: bytes) -> tuple[int, int] | None:

@@ -67,7 +67,7 @@ TMP_DIR = "_tmp"
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
 #: error codes that mean "try again next run" rather than "this file is bad"
-RETRY_CODES = frozenset({"read_failed"})
+RETRY_CODES = frozenset({"read_failed", "out_of_memory"})
 _SNIFF_BYTES = 132  # enough for every magic number, DICOM's "DICM" sits at 128
 
 

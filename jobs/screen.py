@@ -138,6 +138,8 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
                 sha, nbytes = hashlib.sha256(data).hexdigest(), len(data)
         except OSError as exc:
             code, msg = "read_failed", f"cannot read file: {exc}"
+        except MemoryError:
+            code, msg = "out_of_memory", f"ran out of memory reading the file ({int(nbytes)} bytes)"
         if sha and keys is not None and S.is_done(keys, S.resume_key(path, sha)):
             continue
         if data is not None:

@@ -61,6 +61,7 @@ IMAGE_ERROR_STATUS: dict[str, int] = {
     "unsupported": 415,
     "dicom_invalid": 422,
     "read_failed": 422,
+    "out_of_memory": 503,  # the replica's trouble, not the image's: the client may retry
 }
 #: raw body types accepted besides image/*; everything else except multipart is a 415
 RAW_TYPES = ("", "application/octet-stream", "application/dicom")
@@ -398,6 +399,8 @@ class CxrModel:
             payload = {"code": exc.code, "message": exc.message, "request_id": rid}
         except ImageError as exc:
             status, code = IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code
+            if status == 503:
+                headers = {"Retry-After": "1"}
             payload = {"code": exc.code, "message": str(exc), "request_id": rid}
         except TimeoutError:
             status, code, headers = 503, "timeout", {"Retry-After": "1"}

@@ -81,6 +81,10 @@ def test_resume_keys_follow_the_newest_row_per_path() -> None:
     x, y = "aa" * 32, "bb" * 32
     flaky = pa.concat_tables([rows(x, "", 0), rows("", "read_failed", 1)])
     assert not S.is_done(S.done_keys(flaky, "m"), S.resume_key("/a.png", x))
+    short_of_memory = pa.concat_tables([rows(x, "", 0), rows(x, "out_of_memory", 1)])  # the worker's, not the file's
+    assert not S.is_done(S.done_keys(short_of_memory, "m"), S.resume_key("/a.png", x))
+    assert S.is_done(S.done_keys(pa.concat_tables([rows(x, "", 0), rows(x, "corrupt", 1)]), "m"),
+                     S.resume_key("/a.png", x))  # a file found bad stays done
     back = pa.concat_tables([rows(x, "", 0), rows(y, "", 1)])
     keys = S.done_keys(back, "m")
     assert S.is_done(keys, S.resume_key("/a.png", y)) and not S.is_done(keys, S.resume_key("/a.png", x))

@@ -30,6 +30,15 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 # ------------------------------------------------------------------ no Ray needed
+def test_every_image_error_code_has_its_http_status() -> None:
+    """A new ImageError code must be given a status on purpose (the fallback 422 would blame the image)."""
+    from cxr.errors import ImageError
+    from serve.app import IMAGE_ERROR_STATUS
+
+    assert set(IMAGE_ERROR_STATUS) == set(ImageError.CODES)
+    assert IMAGE_ERROR_STATUS["out_of_memory"] == 503 and IMAGE_ERROR_STATUS["too_large"] == 413
+
+
 def test_config_yaml_is_generated_from_serve_config() -> None:
     """serve/config.yaml == serve_config_document(ServeConfig()) and is a valid Serve config."""
     from ray.serve.schema import ServeDeploySchema
