@@ -203,6 +203,9 @@ def ddp(model, device):
     return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
 
 
+TRAINED: dict[str, Any] = {}  # the model the training section ends with, for the export section
+
+
 @section
 def train(device, data: Path, size: int, quick: bool) -> dict[str, Any]:
     import torch
@@ -211,10 +214,9 @@ def train(device, data: Path, size: int, quick: bool) -> dict[str, Any]:
 
     from cxr.config import PreprocessConfig, resolve_train_config
     from cxr.model import autocast, build_model
-    from cxr.training import (DistributedBalancedSampler, XrayDataset, build_optimizer, build_scheduler,
-                              LoadedImages, check_loaded, class_weights, ema_avg_fn, predict,
-                              train_one_epoch)
     from cxr.preprocess import make_train_augment
+    from cxr.training import (DistributedBalancedSampler, LoadedImages, XrayDataset, build_optimizer,
+                              build_scheduler, check_loaded, class_weights, ema_avg_fn, predict, train_one_epoch)
 
     out: dict[str, Any] = {}
     t = time.perf_counter()
@@ -323,9 +325,6 @@ def train(device, data: Path, size: int, quick: bool) -> dict[str, Any]:
     dist.destroy_process_group()
     TRAINED["model"] = plain if out["val_auc model"] >= out["val_auc ema"] else ema.module
     return out
-
-
-TRAINED: dict[str, Any] = {}
 
 
 def v2_tensor_augment(cfg):
