@@ -444,7 +444,7 @@ def forward(model_dir: Path, size: int, batches: list[int], seconds: float, devi
         x = rng.standard_normal((b, 1, size, size), dtype=np.float32)
         xd = torch.from_numpy(x).to(device)
         for name, step in variants:
-            r = rate(lambda: step(x, xd), b, seconds, device)
+            r = rate(lambda step=step, x=x, xd=xd: step(x, xd), b, seconds, device)
             out.setdefault(name, {})[b] = round(r, 1)
             say(f"  batch {b:4d} {name}: {r:.0f} img/s")
     if compile_:
