@@ -160,7 +160,7 @@ class TorchEngine:
     (H200) and 0.020 (H100) from fp32 PyTorch on the CPU (fp32 on the GPU, with
     cuDNN's TF32 convolutions, up to 0.0045), no decision changed, and the AUC
     was the same (BENCHMARKS.md, "GPU paths"). Hence opt-in on CPU. On a GPU both
-    torch engines run bf16: fp32 there would cost ~1.45x the time for a score
+    torch engines run bf16: fp32 there would cost ~1.5x the time for a score
     that still is not the CPU's.
     """
 
