@@ -254,6 +254,14 @@ def train(device, data: Path, size: int, quick: bool) -> dict[str, Any]:
         r = train_one_epoch(model, synthetic, opt, sched, loss_fn, device, amp, cl)
         out[f"step {name}"] = round(r["images_per_s"], 1)
         say(f"train step only, {name}, batch {batch}: {r['images_per_s']:.0f} img/s")
+        if amp and device.type == "cuda":  # build_optimizer's fused AdamW against torch's default (foreach)
+            groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
+            foreach = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+            train_one_epoch(model, synthetic[:3], foreach, sched, loss_fn, device, amp, cl)
+            for label, o in (("foreach AdamW", foreach), ("fused AdamW (cxr)", opt), ("foreach AdamW, again", foreach)):
+                r = train_one_epoch(model, synthetic, o, sched, loss_fn, device, amp, cl)
+                out[f"step {name}, {label}"] = round(r["images_per_s"], 1)
+                say(f"train step only, {name}, {label}: {r['images_per_s']:.0f} img/s")
         if amp:  # the same steps without train_one_epoch's per-step host sync (float(loss), int(correct))
             t = time.perf_counter()
             for xb, yb in synthetic:

@@ -113,8 +113,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """AdamW in four groups: (backbone | head) x (decay | no decay on norms and biases).
 
     The backbone/head split lets the schedule freeze the backbone (LR 0) during
-    the warm-up phase without changing ``requires_grad`` under DDP.
+    the warm-up phase without changing ``requires_grad`` under DDP. On GPUs the
+    update is one fused kernel per group (``fused=True``) instead of torch's
+    multi-tensor default: the step's Python and launches are what keep a GPU
+    below its step rate at batch 64 (BENCHMARKS.md, "GPU paths").
     """
+    fused = all(p.is_cuda for p in model.parameters())
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {(p, d): [] for p in ("backbone", "head") for d in (True, False)}
     for name, p in model.named_parameters():
         part = "head" if name.removeprefix("module.").startswith("fc.") else "backbone"
@@ -122,7 +126,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(
         [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "part": part}
          for (part, decay), ps in groups.items()],
-        lr=cfg.lr,
+        lr=cfg.lr, fused=fused or None,
     )
 
 
