@@ -93,7 +93,6 @@ def test_augment_is_torchvisions_transforms_applied_by_pil(sample_images: list[P
     assert np.abs(augment(img, 96) - first).mean() > 1e-2
 
 
-
 def test_16bit_png_matches_8bit_source(sample_images: list[Path]) -> None:
     """16-bit data is scaled by its depth, not clipped: an 8->16-bit copy decodes to the same values."""
     src = Image.open(sample_images[0]).convert("L")
