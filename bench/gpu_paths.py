@@ -619,6 +619,8 @@ def main() -> None:
         prepare(args.images, args.dest)
         return
 
+    if not all((args.data / split).is_dir() for split in ("train", "val")):
+        sys.exit(f"{args.data} has no train/ and val/ folders: run `bench/gpu_paths.py prepare --dest {args.data}` first")
     import torch
 
     OUT = args.out
