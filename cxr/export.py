@@ -73,11 +73,8 @@ def versions() -> dict[str, str]:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, graphs: bool = True) -> ModelMetadata:

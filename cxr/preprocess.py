@@ -132,7 +132,7 @@ def _to_unit_gray(img: Image.Image) -> np.ndarray:
     if mode != "L":
         img = img.convert("L")  # RGB/RGBA/LA/P/CMYK/YCbCr/1 -> ITU-R 601 luma, alpha dropped
     arr = np.asarray(img).astype(np.float32)
-    return np.divide(arr, np.float32(255.0), out=arr)  # in place: every GPU's worth of decode CPUs is ~4 cores
+    return np.divide(arr, np.float32(255.0), out=arr)  # in place: one float array per image, not two
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:

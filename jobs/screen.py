@@ -96,11 +96,8 @@ def _read(fs: pafs.FileSystem | None, fs_path: str) -> bytes:
 
 
 def _sha256_in_chunks(fs: pafs.FileSystem | None, fs_path: str) -> str:
-    digest = hashlib.sha256()
     with _open(fs, fs_path) as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: dict[str, Any],
