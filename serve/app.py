@@ -286,6 +286,10 @@ class CxrModel:
         self.m_batch = m.Histogram("cxr_batch_size", "Images per model forward (dynamic batching).", BATCH_BUCKETS)
         self.m_forward = m.Histogram("cxr_forward_latency_ms", "Time of one model forward (a whole batch, ms).",
                                      LATENCY_BUCKETS_MS)
+        # exact totals beside the histograms: Ray exports a histogram's _sum as count x bucket midpoint,
+        # so the mean batch size and images/s must come from counters (serve/README.md)
+        self.m_forward_images = m.Counter("cxr_forward_images_total", "Images through the model (all forwards).")
+        self.m_forward_seconds = m.Counter("cxr_forward_seconds_total", "Seconds spent in model forwards.")
         self.m_predictions = m.Counter("cxr_predictions_total", "Predicted labels.", ("label",))
         self.m_probability = m.Histogram("cxr_probability", "Predicted probability per class (drift watch).",
                                          PROBABILITY_BUCKETS, ("class_name",))
@@ -311,7 +315,10 @@ class CxrModel:
             x = np.stack(inputs)
             t0 = time.perf_counter()
             probs = await loop.run_in_executor(self._infer_pool, self.engine.predict_proba, x)
-            self.m_forward.observe((time.perf_counter() - t0) * 1000.0)
+            seconds = time.perf_counter() - t0
+            self.m_forward.observe(seconds * 1000.0)
+            self.m_forward_images.inc(len(inputs))
+            self.m_forward_seconds.inc(seconds)
             if probs.shape != (len(inputs), len(self.classes)):
                 raise RuntimeError(f"engine returned shape {probs.shape} for {len(inputs)} images")
             clean = np.isfinite(x.reshape(len(inputs), -1)).all(axis=1)

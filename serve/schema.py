@@ -100,7 +100,8 @@ def serve_config_document(cfg: ServeConfig) -> dict[str, Any]:
                 "import_path": IMPORT_PATH,
                 "route_prefix": cfg.route_prefix,
                 "args": app_args(cfg),
-                "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True},
+                # Serve's own access line is off: the app's JSON cxr.access line logs each request once
+                "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": False},
                 "deployments": [deployment],
             }
         ],

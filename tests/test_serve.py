@@ -507,6 +507,11 @@ def test_metrics_endpoint_shows_cxr_counters_moving(server, client, sample_image
     assert _total(text, "ray_cxr_predictions_total") > 0
     assert _total(text, "ray_cxr_batch_size_count") > 0 and _total(text, "ray_cxr_request_latency_ms_count") > 0
     assert _total(text, "ray_cxr_forward_latency_ms_count") > 0
+    # the mean batch size from the exact counter: every forward has >= 1 image (Ray's histogram _sum
+    # is count x bucket midpoint, which reads 0.5 for batches of 1)
+    forwards, images = _total(text, "ray_cxr_batch_size_count"), _total(text, "ray_cxr_forward_images_total")
+    assert images >= max(forwards, ok_before + 3), (images, forwards)
+    assert _total(text, "ray_cxr_forward_seconds_total") > 0
     assert _total(text, "ray_cxr_probability_count", class_name="pneumonia") > 0
     assert _total(text, "ray_cxr_model_info", model_id=read_metadata(tiny_model).model_id) >= 1
     assert re.search(r"^ray_serve_\w+", text, re.M), "Ray Serve's own series are missing"
