@@ -236,7 +236,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     ),
     "tiny": dict(
         workers=2, epochs=1, batch_size=8, lr=1e-3, pretrained="none", amp=False, ema_decay=0.0,
-        keep_checkpoints=1, preprocess=dict(image_size=64),
+        keep_checkpoints=1, limit=256, preprocess=dict(image_size=64),
     ),
 }
 

@@ -109,6 +109,10 @@ def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, gr
 def read_metadata(directory: str | Path) -> ModelMetadata:
     path = Path(directory) / METADATA
     if not path.is_file():
+        if not Path(directory).exists():
+            raise CxrError(f"model not found: {directory}")
+        if (Path(directory) / "model" / METADATA).is_file():  # a run folder: its export is in model/
+            raise CxrError(f"{directory} is a training run; its model export is {Path(directory) / 'model'}")
         raise CxrError(f"{directory} is not a cxr model export (no {METADATA}); train one with `cxr train`")
     try:
         return ModelMetadata.from_json(json.loads(path.read_text()))

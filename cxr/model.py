@@ -12,6 +12,7 @@ the TorchScript export (cxr.engine) never need.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -55,15 +56,31 @@ def pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
     path = Path(os.path.expanduser(source))
     if not path.is_file():
         raise CxrError(f"--pretrained: {source!r} is neither 'imagenet', 'none' nor an existing file")
+    with path.open("rb") as f:  # torch.save writes a zip archive (a legacy one, a pickle)
+        if not (zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"):
+            raise CxrError(f"--pretrained: {path} is not a PyTorch weights file; give a file written by "
+                           "torch.save(model.state_dict())")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CxrError(f"--pretrained: cannot read weights from {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, or pickled objects beyond tensors
+        raise CxrError(f"--pretrained: cannot read {path} as a state_dict ({_load_failure(exc)}); "
+                       "give a file written by torch.save(model.state_dict())") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrError(f"--pretrained: {path} does not hold a state_dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_failure(exc: Exception) -> str:
+    """torch.load's reason in one line. Its weights-only refusal opens with advice to unpickle
+    arbitrary code (weights_only=False), which a training job must not take: keep only the cause."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), None)
+    if cause:
+        cause = cause.removeprefix("WeightsUnpickler error:").split(". Please")[0].strip()
+        return f"torch.load(weights_only=True) refused it: {cause[:200]}"
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -208,7 +208,7 @@ def _say(line: str) -> None:
 
 def _epoch_line(m: dict[str, Any], epochs: int) -> str:
     return (f"epoch {m['epoch']:>2}/{epochs}  loss {m['loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-            f"val_auc {m['val_auc']:.4f}  acc {m['val_accuracy']:.3f}  sens {m['val_sensitivity']:.3f}  "
+            f"val_auc {m['val_auc']:.4f}  val at 0.5: acc {m['val_accuracy']:.3f} sens {m['val_sensitivity']:.3f} "
             f"spec {m['val_specificity']:.3f}  {m['images_per_s']:.1f} img/s  {m['epoch_seconds']:.0f}s")
 
 

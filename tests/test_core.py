@@ -273,8 +273,14 @@ def test_pretrained_path_loads_a_torchvision_state_dict(tmp_path: Path) -> None:
 def test_unreadable_weights_and_offline_imagenet_fail_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"\x00" * 100)
-    with pytest.raises(CxrError, match="cannot read weights"):
+    with pytest.raises(CxrError, match="is not a PyTorch weights file"):
         build_model(2, str(bad))
+    # a torch file that pickles more than tensors: refused (never unpickled), without torch's advice to
+    # load it with weights_only=False, in one line
+    torch.save({"conv1.weight": torch.zeros(1), "hook": Path("x")}, bad)
+    with pytest.raises(CxrError, match=r"cannot read .* as a state_dict \(torch.load\(weights_only=True\) refused") as err:
+        build_model(2, str(bad))
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
     torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(CxrError, match="not a ResNet-50"):
         build_model(2, str(tmp_path / "other.pth"))
@@ -292,6 +298,17 @@ def test_offline_imagenet_is_one_line_from_the_cli(tmp_path: Path, data_dir: Pat
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "ImageNet weights" in lines[0] and "--pretrained" in lines[0]
+
+
+def test_a_model_path_that_is_not_an_export_says_what_it_is(tmp_path: Path) -> None:
+    with pytest.raises(CxrError, match="model not found"):
+        read_metadata(tmp_path / "nowhere")
+    save_export(tmp_path / "run" / "model", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]),
+                                                                                 preprocess=CFG))
+    with pytest.raises(CxrError, match=r"is a training run; its model export is .*run/model"):
+        read_metadata(tmp_path / "run")
+    with pytest.raises(CxrError, match="is not a cxr model export"):
+        read_metadata(tmp_path)
 
 
 def test_export_round_trip_and_tamper_detection(tmp_path: Path) -> None:
@@ -410,6 +427,7 @@ def test_onnx_engine_never_imports_torch(tmp_path: Path) -> None:
 
 
 def test_config_round_trip_and_presets() -> None:
+    assert resolve_train_config("tiny", {}).limit == 256 and not resolve_train_config("tiny", {"limit": 0}).limit
     cfg = resolve_train_config("cpu", {"epochs": 3, "image_size": 96, "lr": None})
     assert cfg.epochs == 3 and cfg.preprocess.image_size == 96 and cfg.lr == 2e-3
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
@@ -417,9 +435,17 @@ def test_config_round_trip_and_presets() -> None:
         resolve_train_config("huge", {})
 
 
-def test_warmup_only_with_pretrained_weights_and_one_gpu_per_worker() -> None:
+def test_warmup_only_with_pretrained_weights_and_one_gpu_per_worker(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cxr.cli import main
+
     assert resolve_train_config("gpu", {}).warmup_epochs == 2
     assert resolve_train_config("gpu", {"pretrained": "none"}).warmup_epochs == 0
+    # asked for explicitly without pretrained weights: said, not silently dropped (then the data is missing)
+    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "r"),
+                                    "--preset", "tiny", "--epochs", "1", "--warmup-epochs", "2"])
+    assert "warning: --warmup-epochs 2 ignored" in res.output and res.exit_code == 2, res.output
     with pytest.raises(CxrError, match="--epochs .2. must be more than --warmup-epochs .2."):
         resolve_train_config("gpu", {"epochs": 2})
     with pytest.raises(CxrError, match="--gpus is GPUs per worker: 0 or 1"):

@@ -17,15 +17,16 @@ from cxr.config import TRAIN_PRESETS
               help="Run folder: model/ (the export), metrics.jsonl, curves.png, config.json, split.json.")
 @click.option("--preset", type=click.Choice(sorted(TRAIN_PRESETS)), default="cpu", show_default=True,
               help="Recipe: cpu = from scratch on a small CPU machine in < 45 min; gpu = ImageNet fine-tune at "
-                   "224 on a GPU cluster; tiny = seconds-long smoke run. Flags below override it.")
+                   "224 on a GPU cluster; tiny = smoke run (1 epoch, 64 px, at most 256 images). Flags below override it.")
 @click.option("--workers", type=int, help="DDP workers (Ray Train actors).  [cpu preset: 2]")
 @click.option("--gpus", type=int, help="GPUs per worker: 0 (CPU workers over gloo) or 1 (NCCL); "
               "--workers N for N GPUs.")
 @click.option("--cpus-per-worker", type=int, help="CPUs reserved per worker (also its torch threads).")
 @click.option("--epochs", type=int, help="Total epochs, warm-up included.")
-@click.option("--warmup-epochs", type=int, help="Frozen-backbone epochs before fine-tuning (pretrained runs; "
-              "0 with --pretrained none). Must be less than --epochs.")
-@click.option("--limit", type=int, help="Use at most N images (class-stratified, seeded): for smoke runs.")
+@click.option("--warmup-epochs", type=int, help="Frozen-backbone epochs before fine-tuning. Pretrained runs only "
+              "(ignored with --pretrained none); must be less than --epochs.")
+@click.option("--limit", type=int, help="Use at most N images (class-stratified, seeded): for smoke runs. "
+              "0 = all.  [tiny preset: 256]")
 @click.option("--image-size", type=int, help="Square input side in pixels.")
 @click.option("--batch-size", type=int, help="Batch size per worker.")
 @click.option("--lr", type=float, help="Peak learning rate (AdamW).")
@@ -73,6 +74,9 @@ def train(**flags) -> None:
     explicit = {name for name in flags if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
     preset = flags.pop("preset")
     cfg = resolve_train_config(preset, flags)
+    if "warmup_epochs" in explicit and flags["warmup_epochs"] and cfg.pretrained == "none":
+        click.secho(f"warning: --warmup-epochs {flags['warmup_epochs']} ignored: the frozen-backbone warm-up "
+                    "applies to pretrained weights only (--pretrained none)", fg="yellow", err=True)
     if not cfg.resume:  # a resumed run takes its saved config: jobs.train prints it once read
         click.echo(f"cxr train: {describe_run(cfg)}")
     from jobs.train import run_training
@@ -87,8 +91,8 @@ def _print_summary(s: dict) -> None:
             ("train / val images", f"{s['train_images']} / {s['val_images']}"),
             ("skipped (unreadable)", s["skipped_images"]), ("train time", f"{s['train_seconds']:.0f} s"),
             ("threshold", f"{s['threshold']:.4f}"), ("val AUC", f"{v['auc']:.4f}"),
-            ("val accuracy", f"{v['accuracy']:.4f}"), ("val sensitivity", f"{v['sensitivity']:.4f}"),
-            ("val specificity", f"{v['specificity']:.4f}")]
+            ("val accuracy at threshold", f"{v['accuracy']:.4f}"), ("val sensitivity at threshold", f"{v['sensitivity']:.4f}"),
+            ("val specificity at threshold", f"{v['specificity']:.4f}")]
     width = max(len(k) for k, _ in rows)
     click.echo("\n" + "\n".join(f"  {k:<{width}}  {val}" for k, val in rows))
     click.echo(f"\nnext: cxr screen ARCHIVE --model {s['model']} --output screens/")
