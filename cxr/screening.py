@@ -39,6 +39,7 @@ a newer part; readers keep the newest row per path (:func:`dedupe_latest`,
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -332,7 +333,7 @@ def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: b
     if owner and owner != model_id and not force:
         raise CxrError(
             f"{location} holds results of another model ({state.get('model_version') or '?'} {owner[:12]}), "
-            f"not {model_id[:12]}; use a new --output, or --force to rescore everything with this model"
+            f"not {model_id[:12]}; use a new --output, or --force to replace them (deleted) with this model's"
         )
 
 
@@ -394,6 +395,13 @@ class PartWriter:
         self.seq += 1
         self.rows_written += table.num_rows
         self.buffer, self.buffered, self.last_flush = [], 0, time.monotonic()
+
+    def close(self) -> None:
+        """Flush, then remove the scratch folder (empty unless a part is being written)."""
+        self.flush()
+        with contextlib.suppress(OSError):
+            if not self.fs.get_file_info(pafs.FileSelector(self.tmp, allow_not_found=True)):
+                self.fs.delete_dir(self.tmp)
 
 
 def clean_tmp(location: str) -> None:
@@ -545,6 +553,11 @@ class LabelIndex:
         col = pa.array(new, pa.string())
         return table.set_column(idx, "true_label", col) if idx >= 0 else table.append_column("true_label", col)
 
+    def manifest_rows(self, table: pa.Table) -> int:
+        """How many rows the manifest labels (by path or content): 0 usually means paths that do not match."""
+        shas = table.column("sha256").to_pylist()
+        return sum(self.from_manifest(p, s) is not None for p, s in zip(table.column("path").to_pylist(), shas))
+
 
 def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneumonia"),
                 folder_root: str | None = None) -> LabelIndex:
@@ -623,8 +636,9 @@ def format_summary(s: Mapping[str, Any]) -> str:
     errs = ", ".join(f"{k}={v}" for k, v in s["errors_by_code"].items()) or "none"
     lines = [
         f"files: {s['files']}  scored: {s['scored']}  skipped (already done): {s['skipped']}  errors: {s['errors']} ({errs})",
-        f"positives: {s['positives']} ({s['positive_rate']:.1%} of scored)  "
-        f"time: {s['duration_s']:.1f} s  throughput: {s['images_per_s']:.1f} images/s",
+        (f"positives: {s['positives']} ({s['positive_rate']:.1%} of scored)  " if s["scored"] else "positives: n/a  ")
+        + f"time: {s['duration_s']:.1f} s  "
+        + (f"throughput: {s['images_per_s']:.1f} images/s" if s["processed"] else "nothing new to score"),
         f"model: {s['model_version'] or '-'} {s['model_id'][:12]}",
     ]
     if s.get("ignored_non_images"):

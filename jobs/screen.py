@@ -101,7 +101,7 @@ def _sha256_in_chunks(fs: pafs.FileSystem | None, fs_path: str) -> str:
 
 
 def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: dict[str, Any],
-            done: Any) -> dict[str, np.ndarray]:
+            done: Any) -> dict[str, np.ndarray] | pa.Table:
     """Read, hash and preprocess one block of files (a Ray Data CPU task).
 
     Rows whose (path, sha256) this model already scored are dropped here, before
@@ -122,6 +122,13 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
     cap = max_file_bytes(cfg.max_pixels)
     out: dict[str, list[Any]] = {k: [] for k in ("path", "size_bytes", "sha256", "width", "height", "error_code", "error")}
     images: list[np.ndarray] = []
+
+    def add(path: str, nbytes: int, sha: str, width: int, height: int, code: str, msg: str,
+            tensor: np.ndarray | None) -> None:
+        for column, value in zip(out, (path, nbytes, sha, width, height, code, msg), strict=True):
+            out[column].append(value)
+        images.append(tensor if tensor is not None else np.zeros((1, size, size), np.float32))
+
     for path, fs_path, nbytes in zip(batch["path"], batch["fs_path"], batch["size"]):
         path, fs_path = str(path), str(fs_path)
         code, msg, sha, width, height = "", "", "", -1, -1
@@ -149,10 +156,10 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
             wh = image_size_of(data) if data else None
             if wh:
                 width, height = wh
-        for k, v in (("path", path), ("size_bytes", int(nbytes)), ("sha256", sha), ("width", width),
-                     ("height", height), ("error_code", code), ("error", msg)):
-            out[k].append(v)
-        images.append(tensor if tensor is not None else np.zeros((1, size, size), np.float32))
+        add(path, int(nbytes), sha, width, height, code, msg, tensor)
+    skipped_all = not images
+    if skipped_all:  # a 0-row 4-D array has no Arrow tensor type (Ray Data would pickle it, with a warning):
+        add("", 0, "", -1, -1, "", "", None)  # type the block from one placeholder row, then drop the row
     result: dict[str, np.ndarray] = {
         "path": np.array(out["path"], dtype=object),
         "size_bytes": np.array(out["size_bytes"], dtype=np.int64),
@@ -161,8 +168,12 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
         "height": np.array(out["height"], dtype=np.int64),
         "error_code": np.array(out["error_code"], dtype=object),
         "error": np.array(out["error"], dtype=object),
-        "image": np.stack(images) if images else np.zeros((0, 1, size, size), np.float32),
+        "image": np.stack(images),
     }
+    if skipped_all:
+        from ray.data.block import BlockAccessor
+
+        return BlockAccessor.batch_to_block(result).slice(0, 0)
     return result
 
 
@@ -321,9 +332,11 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
 
     with _lock(cfg.output):
         state = S.read_state(cfg.output)
-        owner = state.get("model_id") or _owner_from_parts(cfg.output)
-        S.check_owner({**state, "model_id": owner} if owner else state, meta.model_id, cfg.output, cfg.force)
+        # a folder without results belongs to no model (say, its first run failed before scoring anything)
+        owner = (state.get("model_id") or _owner_from_parts(cfg.output)) if S.list_parts(out_fs, out_dir) else None
+        S.check_owner({**state, "model_id": owner}, meta.model_id, cfg.output, cfg.force)
         if owner and owner != meta.model_id:  # --force onto another model's folder: it changes hands
+            print(f"--force: deleting the results of model {owner[:12]} in {cfg.output}", file=sys.stderr)
             S.remove_results(cfg.output)
         S.clean_tmp(cfg.output)
         S.write_state(cfg.output, meta.model_id, meta.model_version, classes)
@@ -340,7 +353,7 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
             model_id=meta.model_id, model_version=meta.model_version)
         summary["output"] = cfg.output
         if cfg.report:
-            summary["report"] = _maybe_report(cfg.output, classes)
+            summary["report"] = _maybe_report(cfg.output, classes, labels if cfg.labels else None)
         S.write_bytes_atomic(out_fs, f"{out_dir}/{S.SUMMARY_FILE}",
                              (json.dumps(summary, indent=2, default=str) + "\n").encode())
     return summary
@@ -404,7 +417,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
                 writer.add(block)
                 stats.add(block, normal)
                 report()
-            writer.flush()
+            writer.close()
         except CxrError:
             writer.flush()
             raise
@@ -444,9 +457,15 @@ def _root_message(exc: BaseException) -> str:
     return (lines[-1] if lines else type(seen).__name__)[:500]
 
 
-def _maybe_report(output: str, classes: list[str]) -> str | None:
-    """Write OUTPUT/report when the results carry true labels; None when there is nothing to report."""
+def _maybe_report(output: str, classes: list[str], labels: S.LabelIndex | None = None) -> str | None:
+    """Write OUTPUT/report when the results carry true labels; None when there is nothing to report.
+
+    ``--labels`` applies to every current row, also those scored by earlier runs (their Parquet rows
+    keep the label they were written with), so a corrected manifest corrects the report.
+    """
     table = S.read_results(output)
+    if labels is not None and table.num_rows:
+        table = labels.apply(table)
     if table.num_rows == 0 or table.column("true_label").null_count == table.num_rows:
         return None
     try:

@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -228,6 +229,7 @@ def test_rerun_scores_only_new_or_changed_files(screened, data_dir) -> None:
     res = invoke("screen", str(archive), "--model", str(screened["model"]), "--output", str(out), "-q")
     assert res.exit_code == 0, res.output
     assert f"scored: 0  skipped (already done): {N_INPUTS}  errors: 0" in res.output
+    assert "positives: n/a" in res.output and "nothing new to score" in res.output
     assert S.list_parts(*S.open_fs(str(out))) == parts_before
     # one file changes content, one new file arrives: exactly two rows are added
     changed = screened["made"]["copy"]
@@ -268,6 +270,27 @@ def test_report_command_from_existing_results(screened, tmp_path) -> None:
     assert (screened["out"] / S.REPORT_DIR / "metrics.json").is_file()  # written by `cxr screen` itself
 
 
+def test_a_rerun_with_corrected_labels_corrects_the_report(screened, tmp_path) -> None:
+    """--labels applies to every current row, also rows an earlier run scored (and this one skips)."""
+    pytest.importorskip("cxr.report")
+    out = screened["out"]
+
+    def support() -> dict[str, int]:
+        per_class = json.loads((out / S.REPORT_DIR / "metrics.json").read_text())["classification"]["per_class"]
+        return {c: per_class[c]["support"] for c in ("normal", "pneumonia")}
+
+    before = support()
+    flip = {"normal": "PNEUMONIA", "pneumonia": "NORMAL"}
+    manifest = tmp_path / "flipped.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{flip[r['true_label']]}\n"
+                                                 for p, r in _rows(out).items() if r["true_label"]))
+    res = invoke("screen", str(screened["archive"]), "--model", str(screened["model"]), "--output", str(out), "-q",
+                 "--labels", str(manifest))
+    assert res.exit_code == 0 and "scored: 0" in res.output, res.output
+    assert "AUC" in res.output  # the report's headline, as `cxr report` prints it
+    assert support() == {"normal": before["pneumonia"], "pneumonia": before["normal"]}
+
+
 # --------------------------------------------------------------------------- one clear line, non-zero
 
 
@@ -278,7 +301,7 @@ def _one_error_line(res) -> str:
     return lines[0]
 
 
-def test_missing_archive_unreadable_model_and_foreign_folder(tiny_model, tmp_path, sample_images) -> None:
+def test_missing_archive_unreadable_model_and_foreign_folder(ray_local, tiny_model, tmp_path, sample_images) -> None:
     archive = tmp_path / "a"
     archive.mkdir()
     shutil.copy(sample_images[0], archive)
@@ -290,10 +313,20 @@ def test_missing_archive_unreadable_model_and_foreign_folder(tiny_model, tmp_pat
     shutil.copytree(tiny_model, broken)
     (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
     assert "unreadable model" in _one_error_line(invoke("screen", str(archive), "-m", str(broken), "-o", str(tmp_path / "o3")))
+    classes = ["normal", "pneumonia"]
     foreign = tmp_path / "foreign"
-    S.write_state(str(foreign), "f" * 64, "someone-else", ["normal", "pneumonia"])
+    S.write_state(str(foreign), "f" * 64, "someone-else", classes)
+    writer = S.PartWriter(str(foreign), S.result_schema(classes))
+    writer.add(pa.Table.from_pylist([{"path": "/elsewhere/x.jpeg", "model_id": "f" * 64}], schema=writer.schema))
+    writer.flush()
     line = _one_error_line(invoke("screen", str(archive), "-m", str(tiny_model), "-o", str(foreign)))
     assert "another model" in line and "--force" in line
+    # a folder another model claimed but never wrote a result to (its run failed first) is free
+    claimed = tmp_path / "claimed"
+    S.write_state(str(claimed), "e" * 64, "failed-run", classes)
+    res = invoke("screen", str(archive), "-m", str(tiny_model), "-o", str(claimed), "-q", "--no-report")
+    assert res.exit_code == 0 and S.read_results(str(claimed)).num_rows == 1, res.output
+    assert not (claimed / S.RESULTS_DIR / S.TMP_DIR).exists()  # no empty scratch folder left behind
     assert "not a cxr screening folder" in _one_error_line(invoke("report", str(archive), "-o", str(tmp_path / "r")))
 
 
@@ -345,7 +378,7 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(screened, ray_local, tmp_p
         g = got[path]
         assert (g["label"], g["sha256"], g["error_code"]) == (r["label"], r["sha256"], r["error_code"])
         assert abs(g["prob_pneumonia"] - r["prob_pneumonia"]) < 1e-5
-    assert not list((killed / "results" / "_tmp").iterdir())
+    assert not (killed / "results" / "_tmp").exists()  # the rerun cleared what the kill left half-written
     assert all(pq.read_metadata(p).num_rows > 0 for p in S.list_parts(*S.open_fs(str(killed))))
 
 
@@ -387,3 +420,28 @@ def test_prepare_refuses_a_file_over_the_size_cap_without_reading_it(tmp_path, s
     assert "over the cap of 67108864 bytes" in out["error"][0] and "pixels exceeds the cap" in out["error"][1]
     assert out["sha256"][0] == hashlib.sha256(bytes(65 << 20)).hexdigest()
     assert out["size_bytes"][0] == 65 << 20 and out["image"].shape == (2, 1, 32, 32)
+
+
+def test_prepare_types_a_block_whose_files_are_all_done(tmp_path, sample_images, caplog) -> None:
+    """A rerun's block with nothing new is a 0-row table with the tensor column's type: Ray Data does not
+    fall back to pickling it (and say so on every rerun)."""
+    import dataclasses
+    import hashlib
+    import logging
+
+    from cxr.config import PreprocessConfig
+    from jobs.screen import prepare
+
+    good = sample_images[0]
+    batch = {"path": np.array([str(good)], dtype=object), "fs_path": np.array([str(good)], dtype=object),
+             "size": np.array([good.stat().st_size])}
+    pre = dataclasses.asdict(PreprocessConfig(image_size=32))
+    keys = np.array([S.resume_key(str(good), hashlib.sha256(good.read_bytes()).hexdigest())], dtype="S16")
+    with caplog.at_level(logging.WARNING):
+        table = prepare(batch, fs=None, pre=pre, done=keys)
+    assert isinstance(table, pa.Table) and table.num_rows == 0
+    image_type = table.schema.field("image").type
+    assert "Tensor" in type(image_type).__name__ and image_type.shape == (1, 32, 32), image_type
+    assert table.schema.field("path").type == pa.string()
+    assert "Failed to convert" not in caplog.text
+    assert prepare(batch, fs=None, pre=pre, done=None)["image"].shape == (1, 1, 32, 32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,14 @@ class _ProgressLine:
         self.tty = sys.stderr.isatty()
         self.every = 0.5 if self.tty else 10.0
         self.last = 0.0
+        self.pending = None  # the newest progress not shown yet: close() shows it
 
-    def __call__(self, p) -> None:  # p: jobs.screen.Progress
+    def __call__(self, p, force: bool = False) -> None:  # p: jobs.screen.Progress
         now = time.monotonic()
-        if not p.stage and now - self.last < self.every and p.done < p.total:
+        if not (p.stage or force) and now - self.last < self.every and p.done < p.total:
+            self.pending = p
             return
-        self.last = now
+        self.last, self.pending = now, None
         if p.stage:  # start-up: say what the run waits for, so ~15 s of silence does not look like a hang
             line = f"screen: {p.total} files  {p.stage}  {p.elapsed_s:.0f}s"
         else:
@@ -35,6 +38,8 @@ class _ProgressLine:
         click.echo(("\r" + line + "\033[K") if self.tty else line, err=True, nl=not self.tty)
 
     def close(self) -> None:
+        if self.pending is not None:  # a rerun's last rows (done < total: the rest were skipped)
+            self(self.pending, force=True)
         if self.tty and self.last:
             click.echo("", err=True)
 
@@ -54,7 +59,8 @@ class _ProgressLine:
               help="Rescore the selected files even if already done (new rows supersede old ones); on a folder "
                    "holding another model's results, remove them and take the folder over.")
 @click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file this run processed could not be scored (default: error rows, exit 0). "
-                   "Files that failed in an earlier run (other than read_failed) count as done and are not retried; "
+                   "Files that failed in an earlier run count as done (except read_failed and out_of_memory, "
+                   "which every run retries); "
                    "--force retries them.")
 @click.option("--batch-size", type=click.IntRange(min=0), default=_D.batch_size, show_default=True,
               help="Images per inference call; 0 = where the engine is fastest: 16 for torch-bf16 on a CPU, "
@@ -86,15 +92,17 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     Every input file gets exactly one current row (schema: cxr/screening.py;
     a file rescored later gets a newer row, and readers keep the newest), error
     rows included: error_code is one of empty, not_image, corrupt, truncated,
-    too_large, unsupported, dicom_invalid, read_failed. Results land in
-    OUTPUT/results/part-*.parquet as they finish; a rerun (or a run after the
-    job was killed) scores only files this model has not scored yet.
+    too_large, unsupported, dicom_invalid, read_failed, out_of_memory. Results
+    land in OUTPUT/results/part-*.parquet as they finish; a rerun (or a run
+    after the job was killed) scores only files this model has not scored yet,
+    and retries read_failed and out_of_memory (trouble of the run, not the file).
 
     \b
     Examples:
       cxr screen /data/archive --model runs/r1/model --output screens/nightly
       cxr screen s3://bucket/xrays --model runs/r1/model -o s3://bucket/screens --glob '*.dcm'
-      cxr screen ../shared/data/chest_xray/train -m runs/r1/model --limit 200 --metrics-file screen.prom
+      cxr screen ../shared/data/chest_xray/train -m runs/r1/model -o screens/train --metrics-file screen.prom
+      cxr screen /data/archive -m runs/r1/model -o screens/try --limit 100 --no-report   # the first 100 files by path
 
     Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts.
     Exit status: 0 done (error rows allowed), 1 --fail-on-error and errors, 2 unusable input.
@@ -124,6 +132,8 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     _save_config(cfg)
     click.echo(S.format_summary(summary))
     click.echo(f"results: {cfg.output}/{S.RESULTS_DIR}" + (f"  report: {summary['report']}" if summary.get("report") else ""))
+    if summary.get("report"):
+        click.echo(_brief(json.loads((Path(summary["report"]) / "metrics.json").read_text())))
     if failed:
         click.secho(f"error: {summary['errors']} file(s) could not be scored (--fail-on-error)", fg="red", err=True)
         sys.exit(1)
@@ -164,6 +174,11 @@ def report_cmd(screen_dir: str, output: str, labels: str | None) -> None:
     joins --labels if given, and writes per-class precision/recall/F1, ROC AUC
     with a bootstrap CI, operating points, calibration, curves and the error
     rows by code into OUTPUT.
+
+    \b
+    Examples:
+      cxr report screens/nightly --output reports/nightly
+      cxr report screens/test --output reports/test --labels test_labels.csv   # labels the rows lack
     """
     from cxr import screening as S
 
@@ -176,7 +191,11 @@ def report_cmd(screen_dir: str, output: str, labels: str | None) -> None:
         raise CxrError(f"{screen_dir} has no results yet")
     classes = S.classes_of(table.schema) or None
     if labels:
-        table = S.load_labels(labels, classes or ("normal", "pneumonia")).apply(table)
+        index = S.load_labels(labels, classes or ("normal", "pneumonia"))
+        table = index.apply(table)
+        if not index.manifest_rows(table):
+            click.secho(f"warning: no result row's path or sha256 is in {labels} (its paths are relative to its own "
+                        "folder); true labels are the ones the rows already had", fg="yellow", err=True)
     metrics = write_report(table, output, classes)
     known = table.num_rows - table.column("true_label").null_count
     click.echo(f"report: {output}  ({table.num_rows} rows, {known} with a true label)")
