@@ -146,6 +146,9 @@ def dashboard_url(address: str | None) -> str:
     address = (address or "").strip()
     if not address:
         raise CxrError("no Ray cluster given: set RAY_ADDRESS=http://HEAD:8265 or pass --address")
+    if address in ("auto", "local") or address.startswith("ray://"):
+        raise CxrError(f"{address!r} is an address for Ray drivers (`cxr train/screen/serve` on the cluster); "
+                       "`cxr submit` and `cxr jobs` use the cluster's Jobs API: --address http://HEAD:8265")
     if "://" not in address:
         address = f"http://{address}"
     return address.rstrip("/")

@@ -265,6 +265,11 @@ def test_no_address_is_one_line() -> None:
     r = _cli("jobs", "list")
     assert r.exit_code == 2
     assert r.stderr.strip() == "error: no Ray cluster given: set RAY_ADDRESS=http://HEAD:8265 or pass --address"
+    # a driver's address (what `cxr screen` on the cluster takes) is not the Jobs API's: say so, not "http://auto"
+    for address in ("auto", "ray://head:10001"):
+        r = _cli("jobs", "list", env={"RAY_ADDRESS": address})
+        assert r.exit_code == 2 and "Jobs API: --address http://HEAD:8265" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_dry_run_passes_args_verbatim_and_keeps_its_own_flags() -> None:

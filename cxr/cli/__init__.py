@@ -6,6 +6,7 @@ Each sub-command lives in its own module and imports Ray/torch lazily, so
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -46,6 +47,8 @@ def main() -> None:
     Every command runs on a local Ray instance it starts itself, or on the
     cluster named by RAY_ADDRESS. `cxr COMMAND --help` explains each one.
     """
+    if not sys.stdout.isatty():  # logs and pipes: Ray prefixes worker lines with ANSI colours unless told not to
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def _register() -> None:

@@ -98,11 +98,16 @@ def submit_cmd(command: str, args: tuple[str, ...], address: str | None, follow:
 def jobs_group() -> None:
     """List, inspect, follow and stop jobs on the Ray cluster at RAY_ADDRESS.
 
+    RAY_ADDRESS (or each sub-command's --address) is the cluster's Jobs API,
+    the dashboard's http://HEAD:8265, as for `cxr submit`.
+
     \b
+    Examples:
+      export RAY_ADDRESS=http://head:8265
       cxr jobs list
-      cxr jobs status JOB_ID
-      cxr jobs logs JOB_ID [--follow]
-      cxr jobs stop JOB_ID
+      cxr jobs status raysubmit_XYZ
+      cxr jobs logs raysubmit_XYZ --follow     # exits with the job: 0 if it succeeded
+      cxr jobs stop raysubmit_XYZ
     """
 
 
