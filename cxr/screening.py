@@ -333,7 +333,7 @@ def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: b
     if owner and owner != model_id and not force:
         raise CxrError(
             f"{location} holds results of another model ({state.get('model_version') or '?'} {owner[:12]}), "
-            f"not {model_id[:12]}; use a new --output, or --force to replace them (deleted) with this model's"
+            f"not {model_id[:12]}; use a new --output, or --force to delete them and score with this model"
         )
 
 
