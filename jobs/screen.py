@@ -251,7 +251,8 @@ class Topology:
     task_cpus: float
 
 
-def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float) -> Topology:
+def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
+                  autoscaling: bool = False) -> Topology:
     """How many inference actors, engine threads each, and the logical CPUs Ray reserves.
 
     CPU: actors x threads ~= the CPUs, keeping ~10 % (at least half a CPU) for the
@@ -259,14 +260,21 @@ def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float) -
     actor scales best on small machines (2 x 1-thread bf16 actors: 2 x 20 img/s
     vs 34 for one 2-thread process; BENCHMARKS.md), so the default is one actor per CPU.
     GPU: one actor per ``--gpus-per-worker`` share of the GPUs.
+
+    Without ``--workers`` the pool fits the cluster as it is when the job starts. With it, on a
+    running cluster (``autoscaling``), every actor reserves its whole share (threads CPUs, or the
+    GPUs) even beyond what the nodes have now: the actors that do not fit wait, and Ray's
+    autoscaler adds the nodes they ask for, while the job starts on the first actor that does.
     """
     cpus = max(1.0, cluster_cpus)
     if cfg.gpus_per_worker > 0:
-        if cluster_gpus < cfg.gpus_per_worker:
-            raise CxrError(f"--gpus-per-worker {cfg.gpus_per_worker} but the Ray cluster has {cluster_gpus:g} GPUs")
+        if not (cfg.workers and autoscaling) and cluster_gpus < cfg.gpus_per_worker:
+            hint = "; on an autoscaling cluster, --workers N asks for N GPU actors and the nodes for them" \
+                if autoscaling else ""
+            raise CxrError(f"--gpus-per-worker {cfg.gpus_per_worker} but the Ray cluster has {cluster_gpus:g} GPUs{hint}")
         actors = cfg.workers or max(1, int(cluster_gpus // cfg.gpus_per_worker))
         threads = cfg.threads_per_worker or 1
-        return Topology(actors, threads, 1.0 if cpus >= actors + 1 else 0.5, cfg.gpus_per_worker, 0.5)
+        return Topology(actors, threads, 1.0 if cpus >= actors + 1 or autoscaling else 0.5, cfg.gpus_per_worker, 0.5)
     reserve = max(0.5, 0.1 * cpus)
     if cfg.workers:
         actors = cfg.workers
@@ -274,7 +282,10 @@ def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float) -
     else:
         threads = cfg.threads_per_worker or 1
         actors = max(1, int(cpus // threads))
-    actor_cpus = max(0.1, min(float(threads), (cpus - reserve) / actors))
+    if cfg.workers and autoscaling:
+        actor_cpus = float(threads)  # not squeezed onto today's nodes: what does not fit scales the cluster out
+    else:
+        actor_cpus = max(0.1, min(float(threads), (cpus - reserve) / actors))
     return Topology(actors, threads, round(actor_cpus, 3), 0.0, 0.5)
 
 
@@ -385,7 +396,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
     try:
         _quiet_ray_data()
         res = ray.cluster_resources()
-        topo = plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)))
+        topo = plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)), autoscaling=bool(cluster_address()))
         keys_ref = ray.put(keys) if keys.size else None
         items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size} for f in files]
         engine = resolve_backend(cfg.engine, gpu=topo.actor_gpus > 0)

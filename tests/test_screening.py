@@ -261,3 +261,22 @@ def test_push_to_a_real_http_gateway() -> None:
     assert b"cxr_screen_scored_files 7.0" in received[0][2]
     with pytest.raises(CxrError, match="Pushgateway"):
         S.push_metrics(S.metrics_registry(_summary()), "http://127.0.0.1:9")  # nothing listens there
+
+
+def test_topology_fits_the_cluster_or_asks_its_autoscaler_for_more() -> None:
+    """Without --workers the actor pool fits the cluster as it is; with it, on a running cluster, every
+    actor keeps its full share so the ones that do not fit make Ray's autoscaler add nodes."""
+    from cxr.config import ScreenConfig
+    from jobs.screen import plan_topology
+
+    here = plan_topology(ScreenConfig(), 2.0, 0.0)
+    assert (here.actors, here.threads, here.actor_cpus) == (2, 1, 0.75)  # half a CPU kept for decoding
+    wide = ScreenConfig(workers=8, threads_per_worker=2)
+    assert plan_topology(wide, 8.0, 0.0).actor_cpus < 1  # one machine: squeezed onto its cores
+    assert plan_topology(wide, 8.0, 0.0, autoscaling=True).actor_cpus == 2.0  # a cluster: 16 CPUs asked for
+    with pytest.raises(CxrError, match="--workers N asks for N GPU actors"):
+        plan_topology(ScreenConfig(gpus_per_worker=1), 8.0, 0.0, autoscaling=True)
+    gpu = plan_topology(ScreenConfig(gpus_per_worker=1, workers=4), 8.0, 0.0, autoscaling=True)
+    assert (gpu.actors, gpu.actor_gpus, gpu.actor_cpus) == (4, 1, 1.0)
+    with pytest.raises(CxrError, match="has 0 GPUs$"):  # a local instance has no autoscaler to wait for
+        plan_topology(ScreenConfig(gpus_per_worker=1, workers=4), 8.0, 0.0)
