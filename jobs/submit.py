@@ -50,10 +50,22 @@ _CHATTY_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_
                    "ray._private.runtime_env.working_dir", "ray.dashboard.modules.job.sdk")
 
 
+#: flags whose value every node reads or writes by path: a URI there would fail on the cluster, after the upload
+PATH_ONLY_FLAGS = {"train": ("--data", "--output"), "screen": ("--model", "-m")}
+
+
 def entrypoint(command: str, args: Sequence[str]) -> str:
     """The shell command a job runs: the same CLI a local run uses, arguments quoted verbatim."""
     if command not in JOB_COMMANDS:
         raise CxrError(f"cannot submit {command!r}: choose one of {', '.join(JOB_COMMANDS)}")
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in PATH_ONLY_FLAGS.get(command, ()):
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            if "://" in value:
+                raise CxrError(f"{flag} {value}: `cxr {command}` reads {flag} by path on every node; give a path on a "
+                               "filesystem the cluster's nodes mount (object-store URIs work for --storage, and for "
+                               "screening's archive and --output)")
     return shlex.join(["python", "-m", "cxr.cli", command, *args])
 
 

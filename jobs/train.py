@@ -299,6 +299,10 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     flags the user passed (None: all of ``cfg``), and any of them that would change the run is an
     error (see :func:`cxr.config.resume_config`).
     """
+    if "://" in cfg.output:  # Path() would make s3://b/r a local folder "s3:/b/r" under the working directory
+        raise CxrError(f"--output must be a folder path (the run's config, split, metrics and model export; on a "
+                       f"cluster, a filesystem every node mounts), not a URI: {cfg.output}. Checkpoints go to "
+                       "--storage, which takes s3:// and other pyarrow URIs")
     output = Path(cfg.output).expanduser().resolve()
     cfg = _resumed_config(cfg, output, explicit) if cfg.resume else check_train_config(cfg)
     samples = _limit(discover(cfg.data, "train"), cfg.limit, cfg.seed)

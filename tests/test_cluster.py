@@ -284,6 +284,13 @@ def test_dry_run_passes_args_verbatim_and_keeps_its_own_flags() -> None:
     # after `--`, even a name of submit's own options goes to the job
     r = _cli("submit", "screen", "--dry-run", "--", "/a", "--model", "m", "--follow")
     assert json.loads(r.stdout)["entrypoint"] == "python -m cxr.cli screen /a --model m --follow"
+    # a path flag given a URI fails here, in one line, not on the cluster after the upload and the install
+    for args in (["train", "--data", "s3://b/x"], ["train", "--output=gs://b/r"], ["screen", "s3://b/a", "-m", "s3://b/m"]):
+        r = _cli("submit", *args, "--dry-run")
+        assert r.exit_code == 2 and "by path on every node" in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = _cli("submit", "screen", "s3://b/archive", "--model", "/mnt/m", "--output", "s3://b/out", "--dry-run")
+    assert r.exit_code == 0, r.output  # archive and results may be URIs
 
 
 def test_locked_runtime_env_pins_every_direct_dependency() -> None:

@@ -288,6 +288,17 @@ def test_unreadable_weights_and_offline_imagenet_fail_clearly(tmp_path: Path) ->
         build_model(2, str(tmp_path / "missing.pth"))
 
 
+def test_train_output_uri_is_refused_not_made_a_local_folder(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from cxr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--output", "s3://bucket/runs/r1", "--preset", "tiny"])
+    assert res.exit_code == 2 and "--output must be a folder path" in res.output and "--storage" in res.output, res.output
+    assert not list(tmp_path.iterdir())  # nothing written where Path("s3://...") would have put it
+
+
 def test_offline_imagenet_is_one_line_from_the_cli(tmp_path: Path, data_dir: Path) -> None:
     env = {"HOME": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin",
            "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}

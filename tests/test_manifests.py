@@ -36,7 +36,7 @@ OVERLAYS = ("cpu", "gpu")
 #: the only kustomization keys the renderer below implements (a kustomization using more fails the test)
 KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "patches", "configMapGenerator"}
 #: GPUs per instance type, to check the launcher configs' declared resources
-AWS_GPUS = {"g5.xlarge": 1, "g5.12xlarge": 4, "p4d.24xlarge": 8, "p5.48xlarge": 8}
+AWS_GPUS = {"g5.xlarge": 1, "g5.2xlarge": 1, "g5.12xlarge": 4, "p4d.24xlarge": 8, "p5.48xlarge": 8}
 K8S_VERSION = "1.32.0"
 
 
@@ -99,6 +99,13 @@ def test_gpu_cluster_offers_g5_p4d_p5_and_cpu_workers() -> None:
     instances = {t["node_config"]["InstanceType"].split(".")[0] for t in config["available_node_types"].values()
                  if t["resources"].get("GPU")}
     assert instances >= {"g5", "p4d", "p5"}
+    # every GPU node type holds at least one worker of the gpu preset (its GPU and the CPUs it reserves)
+    from cxr.config import resolve_train_config
+
+    preset = resolve_train_config("gpu", {})
+    for name, t in config["available_node_types"].items():
+        if t["resources"].get("GPU"):
+            assert t["resources"]["CPU"] >= preset.cpus_per_worker * t["resources"]["GPU"] >= preset.gpus, name
     assert any(not t["resources"].get("GPU") and t["resources"].get("CPU") for t in config["available_node_types"].values())
     cpu_only = yaml.safe_load((ROOT / "cluster" / "aws-cpu.yaml").read_text())
     assert not any(t["resources"].get("GPU") for t in cpu_only["available_node_types"].values())
