@@ -262,9 +262,10 @@ def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
     GPU: one actor per ``--gpus-per-worker`` share of the GPUs.
 
     Without ``--workers`` the pool fits the cluster as it is when the job starts. With it, on a
-    running cluster (``autoscaling``), every actor reserves its whole share (threads CPUs, or the
-    GPUs) even beyond what the nodes have now: the actors that do not fit wait, and Ray's
-    autoscaler adds the nodes they ask for, while the job starts on the first actor that does.
+    running cluster (``autoscaling``), every actor reserves its whole share (``--threads-per-worker``
+    CPUs when given, or its GPUs) even beyond what the nodes have now: the actors that do not fit
+    wait, and Ray's autoscaler adds the nodes they ask for, while the job starts on the first actor
+    that does. Threads derived from today's CPUs mean "fit what is up", so they are squeezed as locally.
     """
     cpus = max(1.0, cluster_cpus)
     if cfg.gpus_per_worker > 0:
@@ -282,7 +283,7 @@ def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
     else:
         threads = cfg.threads_per_worker or 1
         actors = max(1, int(cpus // threads))
-    if cfg.workers and autoscaling:
+    if cfg.workers and cfg.threads_per_worker and autoscaling:
         actor_cpus = float(threads)  # not squeezed onto today's nodes: what does not fit scales the cluster out
     else:
         actor_cpus = max(0.1, min(float(threads), (cpus - reserve) / actors))

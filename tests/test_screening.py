@@ -274,6 +274,8 @@ def test_topology_fits_the_cluster_or_asks_its_autoscaler_for_more() -> None:
     wide = ScreenConfig(workers=8, threads_per_worker=2)
     assert plan_topology(wide, 8.0, 0.0).actor_cpus < 1  # one machine: squeezed onto its cores
     assert plan_topology(wide, 8.0, 0.0, autoscaling=True).actor_cpus == 2.0  # a cluster: 16 CPUs asked for
+    # threads derived from the CPUs that are up mean "fit them": room is kept for decoding, or nothing would run
+    assert plan_topology(ScreenConfig(workers=1), 2.0, 0.0, autoscaling=True).actor_cpus == 1.5
     with pytest.raises(CxrError, match="--workers N asks for N GPU actors"):
         plan_topology(ScreenConfig(gpus_per_worker=1), 8.0, 0.0, autoscaling=True)
     gpu = plan_topology(ScreenConfig(gpus_per_worker=1, workers=4), 8.0, 0.0, autoscaling=True)
