@@ -268,14 +268,15 @@ def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
     that does. Threads derived from today's CPUs mean "fit what is up", so they are squeezed as locally.
     """
     cpus = max(1.0, cluster_cpus)
+    grow = bool(cfg.workers and autoscaling)  # ask for --workers full shares: the autoscaler adds the nodes
     if cfg.gpus_per_worker > 0:
-        if not (cfg.workers and autoscaling) and cluster_gpus < cfg.gpus_per_worker:
+        if not grow and cluster_gpus < cfg.gpus_per_worker:
             hint = "; on an autoscaling cluster, --workers N asks for N GPU actors and the nodes for them" \
                 if autoscaling else ""
             raise CxrError(f"--gpus-per-worker {cfg.gpus_per_worker} but the Ray cluster has {cluster_gpus:g} GPUs{hint}")
         actors = cfg.workers or max(1, int(cluster_gpus // cfg.gpus_per_worker))
         threads = cfg.threads_per_worker or 1
-        return Topology(actors, threads, 1.0 if cpus >= actors + 1 or autoscaling else 0.5, cfg.gpus_per_worker, 0.5)
+        return Topology(actors, threads, 1.0 if cpus >= actors + 1 or grow else 0.5, cfg.gpus_per_worker, 0.5)
     reserve = max(0.5, 0.1 * cpus)
     if cfg.workers:
         actors = cfg.workers
@@ -283,7 +284,7 @@ def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
     else:
         threads = cfg.threads_per_worker or 1
         actors = max(1, int(cpus // threads))
-    if cfg.workers and cfg.threads_per_worker and autoscaling:
+    if grow and cfg.threads_per_worker:
         actor_cpus = float(threads)  # not squeezed onto today's nodes: what does not fit scales the cluster out
     else:
         actor_cpus = max(0.1, min(float(threads), (cpus - reserve) / actors))
