@@ -312,14 +312,11 @@ def _lock(location: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _owner_from_parts(location: str) -> str | None:
-    fs, out_dir = S.open_fs(location)
-    parts = S.list_parts(fs, out_dir)
-    if not parts:
-        return None
+def _model_of_part(fs: pafs.FileSystem, part: str) -> str | None:
+    """The model that wrote a result part (a folder whose state file was lost still has an owner)."""
     import pyarrow.parquet as pq
 
-    col = pq.read_table(parts[-1], filesystem=fs, columns=["model_id"]).column("model_id")
+    col = pq.read_table(part, filesystem=fs, columns=["model_id"]).column("model_id")
     return col[0].as_py() if len(col) else None
 
 
@@ -345,8 +342,9 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
 
     with _lock(cfg.output):
         state = S.read_state(cfg.output)
+        parts = S.list_parts(out_fs, out_dir)  # listed once: on an object store each listing is a request
         # a folder without results belongs to no model (say, its first run failed before scoring anything)
-        owner = (state.get("model_id") or _owner_from_parts(cfg.output)) if S.list_parts(out_fs, out_dir) else None
+        owner = (state.get("model_id") or _model_of_part(out_fs, parts[-1])) if parts else None
         S.check_owner({**state, "model_id": owner}, meta.model_id, cfg.output, cfg.force)
         if owner and owner != meta.model_id:  # --force onto another model's folder: it changes hands
             print(f"--force: deleting the results of model {owner[:12]} in {cfg.output}", file=sys.stderr)
