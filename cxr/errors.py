@@ -33,5 +33,5 @@ class ImageError(CxrError):
     def __init__(self, code: str, message: str) -> None:
         if code not in self.CODES:
             raise ValueError(f"unknown image error code {code!r}")
-        super().__init__(message)
+        super().__init__(" ".join(message.split())[:1000])  # one line: a Parquet cell, a JSON field, a log line
         self.code = code

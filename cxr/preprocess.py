@@ -44,7 +44,7 @@ _MAGIC = (
 
 def detect_format(data: bytes) -> str | None:
     """Image format from content (magic bytes), not from the file name; None if not an image."""
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if (len(data) >= 132 and data[128:132] == b"DICM") or _bare_dicom(data):
         return "dicom"
     for magic, name in _MAGIC:
         if data.startswith(magic):
@@ -52,6 +52,18 @@ def detect_format(data: bytes) -> str | None:
                 continue
             return name
     return None
+
+
+def _bare_dicom(data: bytes) -> bool:
+    """A DICOM dataset without the 128-byte preamble and 'DICM' (older PACS exports): it starts with a
+    group 0002 or 0008 element, little-endian, in explicit VR (two capital letters) or implicit VR
+    (a length that fits the file)."""
+    if len(data) < 12 or data[0:2] not in (b"\x02\x00", b"\x08\x00") or data[3:4] != b"\x00":
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():
+        return True
+    return data[0:2] == b"\x08\x00" and int.from_bytes(data[4:8], "little") < len(data)
 
 
 def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> np.ndarray:
@@ -92,8 +104,8 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("not_image", "content is not a supported image (JPEG, PNG, DICOM, TIFF, BMP, WebP)")
     try:
         img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise ImageError("corrupt", f"{kind} header could not be parsed: {exc}") from None
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        raise ImageError("corrupt", f"{kind} header could not be parsed: no decoder recognises it") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed headers
         raise ImageError("corrupt", f"{kind} header could not be parsed: {exc}") from None
     width, height = img.size
@@ -118,21 +130,33 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
 
 def _to_unit_gray(img: Image.Image) -> np.ndarray:
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
-    if mode == "I":  # 32-bit ints; PNG 16-bit grayscale decodes here in some PIL versions
-        arr = np.asarray(img, dtype=np.int64)
-        scale = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
-        return (np.clip(arr, 0, None).astype(np.float32) / scale).astype(np.float32)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # "I": 32-bit ints, as some PIL versions read 16-bit PNG
+        arr = np.clip(np.asarray(img, dtype=np.int64), 0, None)
+        return (arr.astype(np.float32) / np.float32(stored_full_scale(int(arr.max(initial=0))))).astype(np.float32)
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all():  # checked first: a NaN min/max would make the image a black one
+            raise ImageError("corrupt", "image has non-finite pixel values (NaN or infinity)")
         lo, hi = float(arr.min()), float(arr.max())
-        with np.errstate(invalid="ignore"):  # inf pixels give NaN here, which decode_image refuses
-            return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     if mode != "L":
         img = img.convert("L")  # RGB/RGBA/LA/P/CMYK/YCbCr/1 -> ITU-R 601 luma, alpha dropped
     arr = np.asarray(img).astype(np.float32)
     return np.divide(arr, np.float32(255.0), out=arr)  # in place: one float array per image, not two
+
+
+def stored_full_scale(brightest: int) -> int:
+    """Full scale of integer pixels in a wide container: 2^b - 1 for the smallest usual depth b that holds them.
+
+    A 16-bit PNG or TIFF often carries 10-, 12- or 14-bit detector data unscaled (a DICOM export
+    without its BitsStored), and read as 16-bit it would be 16x too dark: the model sees a black
+    film (a pneumonia score of 0.23 became 4e-5). A full-range 16-bit X-ray has its brightest pixel
+    (bone, a marker) far above 2^14, so it keeps 65535. DICOM says its depth and does not guess.
+    """
+    for bits in (8, 10, 12, 14, 16):
+        if brightest < 2**bits:
+            return 2**bits - 1
+    return brightest
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
@@ -140,7 +164,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")  # force: no preamble
     except Exception as exc:  # noqa: BLE001
         raise ImageError("dicom_invalid", f"DICOM could not be parsed: {exc}") from None
     if "PixelData" not in ds:

@@ -103,6 +103,15 @@ def test_16bit_png_matches_8bit_source(sample_images: list[Path]) -> None:
     np.testing.assert_allclose(preprocess(png16, CFG), preprocess(_png(src), CFG), atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [12, 10])
+def test_16bit_png_of_fewer_stored_bits_reads_like_its_source(sample_images: list[Path], bits: int) -> None:
+    """12-bit detector data in a 16-bit PNG (a DICOM export) is not read as a near-black 16-bit image."""
+    a8 = np.asarray(Image.open(sample_images[0]).convert("L"), dtype=np.float64)
+    stored = np.round(a8 / 255.0 * (2**bits - 1)).astype(np.uint16)
+    png = _png(Image.fromarray(stored))
+    np.testing.assert_allclose(decode_image(png), a8 / 255.0, atol=0.5 / (2**bits - 1) + 1e-6)
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "CMYK", "LA", "P"])
 def test_colour_modes_reduce_to_the_same_gray(sample_images: list[Path], mode: str) -> None:
     gray = Image.open(sample_images[1]).convert("L")
@@ -136,6 +145,9 @@ def test_dicom_matches_source(sample_images: list[Path], make_dicom) -> None:
     assert detect_format(mono2) == "dicom"
     np.testing.assert_allclose(decode_image(mono2), a8 / 255.0, atol=1e-6)
     np.testing.assert_allclose(decode_image(mono1), a8 / 255.0, atol=1e-6)
+    bare = mono2[132:]  # no preamble and no 'DICM' (older PACS exports): still a DICOM, by content
+    assert detect_format(bare) == "dicom"
+    np.testing.assert_allclose(decode_image(bare), a8 / 255.0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -146,6 +158,8 @@ def test_dicom_matches_source(sample_images: list[Path], make_dicom) -> None:
         ("truncated", lambda j: j[: len(j) // 2], "truncated"),
         ("corrupt", lambda j: j[:4] + bytes(200) + j[204:], "corrupt"),
         ("garbage_dicom", lambda j: bytes(128) + b"DICM" + b"\x00garbage" * 20, "dicom_invalid"),
+        ("nan_tiff", lambda j: _nan_tiff(j), "corrupt"),  # a NaN pixel once made the whole image black
+        ("unidentified", lambda j: j[:3] + b"\x00" * 17, "corrupt"),
     ],
 )
 def test_bad_inputs_raise_typed_errors(sample_images: list[Path], name: str, make, code: str) -> None:
@@ -153,6 +167,15 @@ def test_bad_inputs_raise_typed_errors(sample_images: list[Path], name: str, mak
     with pytest.raises(ImageError) as err:
         preprocess(data, CFG)
     assert err.value.code == code, (name, str(err.value))
+    assert "\n" not in str(err.value) and "object at 0x" not in str(err.value)  # one line, about the file
+
+
+def _nan_tiff(jpeg: bytes) -> bytes:
+    arr = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float32)
+    arr[0, 0] = np.nan
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
 
 
 def test_decompression_bomb_is_refused_before_decoding() -> None:
