@@ -66,6 +66,7 @@ LOCK_FILE = "_screen.lock"
 RESULTS_DIR = "results"
 TMP_DIR = "_tmp"
 REPORT_DIR = "report"
+REPLACED_DIR = "replaced"  # another model's results, set aside by --force
 SUMMARY_FILE = "summary.json"
 #: error codes that mean "try again next run" rather than "this file is bad"
 RETRY_CODES = frozenset({"read_failed", "out_of_memory"})
@@ -333,7 +334,8 @@ def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: b
     if owner and owner != model_id and not force:
         raise CxrError(
             f"{location} holds results of another model ({state.get('model_version') or '?'} {owner[:12]}), "
-            f"not {model_id[:12]}; use a new --output, or --force to delete them and score with this model"
+            f"not {model_id[:12]}; use a new --output, or --force to set them aside (in replaced/) and "
+            "score with this model"
         )
 
 
@@ -412,12 +414,26 @@ def clean_tmp(location: str) -> None:
         fs.delete_dir_contents(tmp, missing_dir_ok=True)
 
 
-def remove_results(location: str) -> None:
-    """``--force``: forget every earlier result in the folder."""
+def set_aside_results(location: str, owner: str) -> str:
+    """``--force`` onto another model's folder: move its results and report out of the way, not delete them.
+
+    They go to ``OUTPUT/replaced/<model id>-<UTC time>/`` (file by file: object stores move no folders),
+    where no reader looks; the user deletes them when sure. Returns that folder.
+    """
     fs, out_dir = open_fs(location)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = f"{out_dir}/{REPLACED_DIR}/{owner[:12]}-{stamp}"
     for sub in (RESULTS_DIR, REPORT_DIR):
-        if fs.get_file_info(f"{out_dir}/{sub}").type == pafs.FileType.Directory:
-            fs.delete_dir(f"{out_dir}/{sub}")
+        src = f"{out_dir}/{sub}"
+        for info in fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True)):
+            if info.type != pafs.FileType.File:
+                continue
+            dst = f"{target}/{sub}/{info.path[len(src) + 1:]}"
+            fs.create_dir(str(PurePosixPath(dst).parent), recursive=True)
+            fs.move(info.path, dst)
+        if fs.get_file_info(src).type == pafs.FileType.Directory:
+            fs.delete_dir(src)  # now empty folders only
+    return target
 
 
 # --------------------------------------------------------------------------- listing
@@ -454,18 +470,23 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         raise CxrError(f"cannot access archive {archive}: {exc}") from None
     if info.type == pafs.FileType.NotFound:
         raise CxrError(f"archive not found: {archive}")
-    if info.type == pafs.FileType.File:
-        infos, base = [info], str(PurePosixPath(root).parent)
-    else:
-        try:
+    base = root
+    try:
+        if info.type == pafs.FileType.File:
+            named, ignored = _decodable([info])
+            base = str(PurePosixPath(root).parent)
+        elif isinstance(fs, pafs.LocalFileSystem):
+            named, ignored = _walk_local(root, skip=exclude)
+        else:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        except Exception as exc:  # noqa: BLE001
-            raise CxrError(f"cannot list archive {archive}: {exc}") from None
-        base = root
+            named, ignored = _decodable(i for i in infos if i.type == pafs.FileType.File)
+    except CxrError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"cannot list archive {archive}: {exc}") from None
+    glob = _relative_glob(glob, base)
     excluded = [e.rstrip("/") + "/" for e in exclude]
     files: list[InputFile] = []
-    named, bad_names = _decodable(i for i in infos if i.type == pafs.FileType.File)
-    ignored = bad_names
     for fi in sorted(named, key=lambda i: i.path):
         if any(fi.path.startswith(e) for e in excluded):
             continue
@@ -478,15 +499,73 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
             try:
                 with fs.open_input_file(fi.path) as f:
                     head = f.read(_SNIFF_BYTES)
-            except Exception:  # noqa: BLE001 - unreadable: let the job report read_failed
-                head = b""
-            if not head or detect_format(head) is None:
+            except Exception:  # noqa: BLE001 - unreadable: an input all the same, the job reports read_failed
+                head = None
+            if head is not None and detect_format(head) is None:  # b"" included: an empty file without a suffix
                 ignored += 1
                 continue
         files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0)))
         if limit is not None and len(files) >= limit:
             break
     return files, fs, ignored
+
+
+def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo], int]:
+    """Every regular file under a local folder, following directory symlinks once.
+
+    Arrow's recursive listing follows a symlink to a parent folder until the path is too long
+    (40 levels: every image scored 40 times; two such links: 2^40 paths). Here a symlinked folder
+    is walked only if it leads outside the archive, and no real folder is walked twice, so each
+    file is listed under its own path, and ``skip`` (the output folder) is left out by where it
+    really is, whatever link leads to it. Dangling links, sockets and FIFOs are not files.
+    Names that are not UTF-8 (os.walk's surrogate escapes) are counted, not listed, as in
+    :func:`_decodable`.
+    """
+    import stat
+
+    root_real = os.path.realpath(root)
+    seen: set[str] = {root_real, *(os.path.realpath(p) for p in skip)}
+    out: list[pafs.FileInfo] = []
+    bad = 0
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            full = os.path.join(folder, d)
+            real = os.path.realpath(full)
+            inside = real == root_real or real.startswith(root_real + "/")
+            if (os.path.islink(full) and inside) or real in seen or root_real.startswith(real + "/"):
+                continue  # a second view of folders listed at their own place, or a loop
+            seen.add(real)
+            keep.append(d)
+        dirs[:] = keep
+        for name in names:
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+            except OSError:  # a dangling link; an unreadable file still stats (its folder lists it)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            try:
+                full.encode("utf-8")
+            except UnicodeEncodeError:
+                bad += 1
+                continue
+            out.append(pafs.FileInfo(full, type=pafs.FileType.File, size=st.st_size))
+    _warn_undecodable(bad)
+    return out, bad
+
+
+def _relative_glob(glob: str | None, base: str) -> str | None:
+    """``--glob`` as a pattern under the archive: './x/*' and '/archive/x/*' mean 'x/*'."""
+    if not glob:
+        return glob
+    if glob.startswith("/"):
+        if not glob.startswith(base.rstrip("/") + "/"):
+            raise CxrError(f"--glob {glob} is an absolute path outside the archive {base}; "
+                           "give a pattern under the archive, e.g. 'subfolder/*.dcm'")
+        return glob[len(base.rstrip("/")) + 1:]
+    return glob.removeprefix("./")
 
 
 def _decodable(infos: Iterable[pafs.FileInfo]) -> tuple[list[pafs.FileInfo], int]:
@@ -505,13 +584,17 @@ def _decodable(infos: Iterable[pafs.FileInfo]) -> tuple[list[pafs.FileInfo], int
             bad += 1
             continue
         ok.append(info)
-    if bad:
+    _warn_undecodable(bad)
+    return ok, bad
+
+
+def _warn_undecodable(count: int) -> None:
+    if count:
         import logging
 
         logging.getLogger("cxr").warning(
             "warning: %d file name(s) in the archive are not valid UTF-8 and were skipped; rename them to screen them",
-            bad)
-    return ok, bad
+            count)
 
 
 # --------------------------------------------------------------------------- labels
@@ -661,9 +744,17 @@ def metrics_registry(s: Mapping[str, Any], success: bool = True):
 
     for code in ImageError.CODES:
         err.labels(code=code).set(s["errors_by_code"].get(code, 0))
-    Gauge("cxr_screen_positive_rate", "Fraction of scored files predicted positive", registry=reg).set(s["positive_rate"])
+    Gauge("cxr_screen_ignored_files", "Files under the archive that are not images (by name and content)",
+          registry=reg).set(s.get("ignored_non_images", 0))
+    # rates of a run that scored nothing are not 0 but unknown: left out, so a quiet night is a gap in a
+    # panel, not a collapse to zero
+    if s["scored"]:
+        Gauge("cxr_screen_positive_rate", "Fraction of scored files predicted positive",
+              registry=reg).set(s["positive_rate"])
+    if s["processed"]:
+        Gauge("cxr_screen_images_per_second", "Files processed per second of wall time (Ray's start included)",
+              registry=reg).set(s["images_per_s"])
     Gauge("cxr_screen_duration_seconds", "Wall time of the run", registry=reg).set(s["duration_s"])
-    Gauge("cxr_screen_images_per_second", "Files processed per second of wall time", registry=reg).set(s["images_per_s"])
     Gauge("cxr_screen_last_run_timestamp_seconds", "Unix time the run finished", registry=reg).set(time.time())
     Gauge("cxr_screen_success", "1 if the run completed (and passed --fail-on-error)", registry=reg).set(1 if success else 0)
     return reg

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -226,20 +227,28 @@ def check_model(model_dir: str, engine: str) -> "ModelMetadata":
     if not any(p.is_file() and p.stat().st_size > 0 for p in needs):
         raise CxrError(f"{model_dir}: no usable {' or '.join(p.name for p in needs)}")
     if engine == "onnx" or (engine == "auto" and onnx.is_file()):
-        _check_onnx(onnx)
+        _check_onnx(onnx, meta.preprocess.image_size)
     return meta
 
 
-def _check_onnx(path: Path) -> None:
-    """Parse the ONNX graph's structure (not its weights) so a corrupt file fails here, not in every actor."""
+def _check_onnx(path: Path, image_size: int) -> None:
+    """Parse the ONNX graph so a corrupt file, or one exported at another size than its metadata
+    says, fails here in one line, not in every actor."""
     if not path.is_file():
         return  # OnnxEngine rebuilds it from the weights
     try:
         import onnx
 
-        onnx.checker.check_model(str(path))
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+        graph = proto.graph
     except Exception as exc:  # noqa: BLE001
         raise CxrError(f"unreadable model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
+    fixed = [d for d in dims[2:] if d > 0]  # N x C x H x W; a dynamic axis has no dim_value
+    if any(d != image_size for d in fixed):
+        raise CxrError(f"{path} takes {'x'.join(map(str, fixed))} px images but metadata.json says "
+                       f"image_size {image_size}: the export is stale or mixed up; export the model again")
 
 
 @dataclass
@@ -337,8 +346,14 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
     out_fs, out_dir = S.open_fs(cfg.output)
     arch_fs, arch_root = S.open_fs(cfg.archive)
     labels = S.load_labels(cfg.labels, classes, folder_root=_label_root(cfg.archive, arch_fs, arch_root))
-    exclude = [out_dir] if type(out_fs) is type(arch_fs) else []
-    files, fs, ignored = S.list_archive(cfg.archive, cfg.glob, cfg.limit, exclude=exclude)
+    same_fs = type(out_fs) is type(arch_fs)
+    if same_fs and (arch_root == out_dir or arch_root.startswith(out_dir.rstrip("/") + "/")):
+        raise CxrError(f"--output {cfg.output} is the archive or holds it; give a folder outside the archive "
+                       "(a folder inside it is fine: it is left out of the inputs)")
+    files, fs, ignored = S.list_archive(cfg.archive, cfg.glob, cfg.limit, exclude=[out_dir] if same_fs else [])
+    if not files:  # an unmounted share looks like an empty folder: a quiet night must not look like this
+        where = f"{cfg.archive}" + (f" matching --glob {cfg.glob}" if cfg.glob else "")
+        print(f"warning: no input files under {where} (is it mounted? is the pattern right?)", file=sys.stderr)
 
     with _lock(cfg.output):
         state = S.read_state(cfg.output)
@@ -347,8 +362,9 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         owner = (state.get("model_id") or _model_of_part(out_fs, parts[-1])) if parts else None
         S.check_owner({**state, "model_id": owner}, meta.model_id, cfg.output, cfg.force)
         if owner and owner != meta.model_id:  # --force onto another model's folder: it changes hands
-            print(f"--force: deleting the results of model {owner[:12]} in {cfg.output}", file=sys.stderr)
-            S.remove_results(cfg.output)
+            kept = S.set_aside_results(cfg.output, owner)
+            print(f"--force: the results of model {owner[:12]} were moved to {S.uri_prefix(cfg.output)}{kept} "
+                  "(delete that folder when no longer needed)", file=sys.stderr)
         S.clean_tmp(cfg.output)
         S.write_state(cfg.output, meta.model_id, meta.model_version, classes)
         if cfg.force:  # rescore the selected files; their new rows supersede the old ones (newest wins)
@@ -430,10 +446,10 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
                 report()
             writer.close()
         except CxrError:
-            writer.flush()
+            writer.close()
             raise
         except Exception as exc:  # noqa: BLE001 - actor start-up failures surface here, wrapped by Ray
-            writer.flush()  # keep what was scored: a rerun resumes from it
+            writer.close()  # keep what was scored: a rerun resumes from it
             raise CxrError(f"screening failed: {_root_message(exc)}") from None
     finally:
         if started:
@@ -464,8 +480,16 @@ def _root_message(exc: BaseException) -> str:
     while getattr(seen, "cause", None) is not None or seen.__cause__ is not None:
         seen = getattr(seen, "cause", None) or seen.__cause__  # type: ignore[assignment]
     text = str(seen).strip().splitlines()
+    for i, line in enumerate(text):  # Ray Data appends its retry advice to the task's own message: cut it
+        if _RAY_RETRY_HINT.match(line):
+            text = text[:i]
+            break
     lines = [ln for ln in text if ln.strip() and not ln.startswith(("Traceback", "  "))]
     return (lines[-1] if lines else type(seen).__name__)[:500]
+
+
+#: the first line of the suffix ray.data._internal.util._annotate_exception_with_retry_context adds
+_RAY_RETRY_HINT = re.compile(r"^Failed to .* after \d+/\d+ attempts|^To change retry attempts")
 
 
 def _maybe_report(output: str, classes: list[str], labels: S.LabelIndex | None = None) -> str | None:

@@ -330,6 +330,73 @@ def test_missing_archive_unreadable_model_and_foreign_folder(ray_local, tiny_mod
     assert "not a cxr screening folder" in _one_error_line(invoke("report", str(archive), "-o", str(tmp_path / "r")))
 
 
+def test_file_system_mistakes_are_one_line_each(ray_local, tiny_model, tmp_path, sample_images) -> None:
+    """An output that is a file, the archive as its own output, a stale export: no traceback, exit 2."""
+    archive = tmp_path / "a"
+    archive.mkdir()
+    shutil.copy(sample_images[0], archive)
+    (tmp_path / "afile").write_text("x")
+    assert "File exists" in _one_error_line(invoke("screen", str(archive), "-m", str(tiny_model), "-o",
+                                                   str(tmp_path / "afile")))
+    assert "is the archive or holds it" in _one_error_line(invoke("screen", str(archive), "-m", str(tiny_model),
+                                                                  "-o", str(archive)))
+    assert "is the archive or holds it" in _one_error_line(invoke("screen", str(archive), "-m", str(tiny_model),
+                                                                  "-o", str(tmp_path)))
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_model, stale)
+    meta = json.loads((stale / "metadata.json").read_text())
+    meta["preprocess"]["image_size"] *= 2  # metadata of another export than the graph's
+    (stale / "metadata.json").write_text(json.dumps(meta))
+    assert "export the model again" in _one_error_line(invoke("screen", str(archive), "-m", str(stale), "-o",
+                                                              str(tmp_path / "o")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = invoke("screen", str(empty), "-m", str(tiny_model), "-o", str(tmp_path / "oe"), "-q")
+    assert res.exit_code == 0 and "warning: no input files under" in res.output, res.output
+
+
+def test_a_metrics_file_that_cannot_be_written_fails_after_the_summary(screened, tmp_path) -> None:
+    (tmp_path / "m.prom").mkdir()  # a folder where the file should go
+    res = invoke("screen", str(screened["archive"]), "--model", str(screened["model"]), "--output",
+                 str(screened["out"]), "-q", "--no-report", "--metrics-file", str(tmp_path / "m.prom"))
+    assert res.exit_code == 2 and "scored: 0" in res.output, res.output  # the results are not hidden
+    assert res.output.strip().splitlines()[-1].startswith("error: Is a directory"), res.output
+    (tmp_path / "afile").write_text("x")
+    line = _one_error_line(invoke("report", str(screened["out"]), "-o", str(tmp_path / "afile")))
+    assert line.startswith("error: File exists") and "afile" in line
+
+
+def test_force_sets_another_models_results_aside(ray_local, tiny_model, tmp_path, sample_images) -> None:
+    """--force onto a folder of another model's results moves them to replaced/ instead of deleting them."""
+    archive = tmp_path / "a"
+    archive.mkdir()
+    shutil.copy(sample_images[0], archive)
+    out = tmp_path / "out"
+    classes = ["normal", "pneumonia"]
+    S.write_state(str(out), "f" * 64, "old-model", classes)
+    writer = S.PartWriter(str(out), S.result_schema(classes))
+    writer.add(pa.Table.from_pylist([{"path": "/elsewhere/x.jpeg", "model_id": "f" * 64}], schema=writer.schema))
+    writer.flush()
+    res = CliRunner().invoke(main, ["screen", str(archive), "-m", str(tiny_model), "-o", str(out), "-q",
+                                    "--no-report", "--force"], catch_exceptions=False)
+    assert res.exit_code == 0 and "moved to" in res.output, res.output
+    kept = list((out / S.REPLACED_DIR).glob(f"{'f' * 12}-*/{S.RESULTS_DIR}/part-*.parquet"))
+    assert len(kept) == 1 and pq.read_table(kept[0]).column("model_id")[0].as_py() == "f" * 64
+    assert {r["path"] for r in S.read_results(str(out)).to_pylist()} == {str(archive / sample_images[0].name)}
+
+
+def test_a_task_failure_is_reported_by_its_cause_not_by_rays_retry_advice() -> None:
+    from ray.data._internal.util import _annotate_exception_with_retry_context
+
+    from jobs.screen import _root_message
+
+    exc = _annotate_exception_with_retry_context(
+        RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got: 64 Expected: 224"), description="run a task",
+        attempts=1, max_attempts=1, total_backoff_s=0.0, exception_str="")
+    assert "To change retry attempts" in str(exc)  # what Ray appends (the test must see it to mean anything)
+    assert _root_message(exc) == "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got: 64 Expected: 224"
+
+
 # --------------------------------------------------------------------------- SIGKILL mid-run, then resume
 
 

@@ -164,6 +164,30 @@ def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[P
         S.list_archive(str(tmp_path / "missing"))
 
 
+def test_listing_follows_folder_links_once_and_never_loops(tmp_path: Path) -> None:
+    """Arrow's own listing follows a link to a parent 40 levels deep: one image, 40 rows (2^40 with two links)."""
+    archive, outside = tmp_path / "archive", tmp_path / "elsewhere"
+    (archive / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (archive / "sub/a.png").write_bytes(b"x")
+    (outside / "b.png").write_bytes(b"x")
+    (archive / "sub/up").symlink_to("..")  # a loop
+    (archive / "sub/again").symlink_to("../sub")  # a second view of a folder listed at its own place
+    (archive / "disk2").symlink_to(outside)  # a folder on another disk: its files are inputs
+    (outside / "back").symlink_to(archive)  # ... with a way back in
+    (archive / "sub/gone.png").symlink_to(tmp_path / "nothing")  # dangling
+    (archive / "results").mkdir()
+    (archive / "results/part.png").write_bytes(b"x")
+    (archive / "view").symlink_to(archive / "results")  # the output folder, reached through a link
+    files, _, ignored = S.list_archive(str(archive), exclude=[str(archive / "results")])
+    assert [f.path for f in files] == [str(archive / "disk2/b.png"), str(archive / "sub/a.png")]
+    assert ignored == 0
+    assert [f.path for f in S.list_archive(str(archive), glob="./sub/*")[0]] == [str(archive / "sub/a.png")]
+    assert len(S.list_archive(str(archive), glob=f"{archive}/sub/*")[0]) == 1
+    with pytest.raises(CxrError, match="outside the archive"):
+        S.list_archive(str(archive), glob="/somewhere/else/*")
+
+
 def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Arrow cannot decode such a name; the listing must go on and say so, not end in a traceback."""
     (tmp_path / "ok.png").write_bytes(b"x")
@@ -233,7 +257,19 @@ def test_summary_and_prometheus_text_round_trip(tmp_path: Path) -> None:
     errors = {smp.labels["code"]: smp.value for smp in fams["cxr_screen_error_files"].samples}
     assert errors["corrupt"] == 2 and errors["empty"] == 1 and errors["too_large"] == 0
     assert fams["cxr_screen_model_info"].samples[0].labels["model_id"] == "ab" * 32
+    assert fams["cxr_screen_ignored_files"].samples[0].value == 1
     assert not list(path.parent.glob("*.tmp*"))
+
+
+def test_a_run_with_nothing_new_exports_no_rates() -> None:
+    """A quiet night's positive rate and speed are unknown, not 0 (a 0 reads as a collapse in a panel)."""
+    quiet = S.summarize_counts(processed=0, errors_by_code={}, labelled=0, positives=0, candidates=15, ignored=0,
+                               duration_s=9.0, model_id="ab" * 32, model_version="v1")
+    from prometheus_client import generate_latest
+
+    names = {f.name for f in text_string_to_metric_families(generate_latest(S.metrics_registry(quiet)).decode())}
+    assert "cxr_screen_positive_rate" not in names and "cxr_screen_images_per_second" not in names
+    assert {"cxr_screen_skipped_files", "cxr_screen_success", "cxr_screen_duration_seconds"} <= names
 
 
 def test_push_to_a_real_http_gateway() -> None:

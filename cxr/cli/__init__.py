@@ -18,7 +18,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class _Main(click.Group):
-    """Turns CxrError into one line and a non-zero exit (no traceback)."""
+    """Turns CxrError, and the file system's refusals (OSError), into one line and exit 2 (no traceback)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -26,9 +26,20 @@ class _Main(click.Group):
         except CxrError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
+        except OSError as exc:  # an output path that is a file, a folder without write permission, a full disk
+            click.secho(f"error: {_os_message(exc)}", fg="red", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def _os_message(exc: OSError) -> str:
+    """'Permission denied: out/results' rather than a traceback; the path is what the user must fix."""
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 @click.group(cls=_Main, context_settings=CONTEXT)

@@ -53,11 +53,13 @@ class _ProgressLine:
               help="CSV/Parquet with path,label[,subtype,sha256] (paths relative to it). "
                    "Default: labels from NORMAL/PNEUMONIA folder names under ARCHIVE when present.")
 @click.option("--glob", default=None, metavar="PATTERN",
-              help="Only files matching PATTERN: on the file name if it has no '/', else on the path under ARCHIVE.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N input files (sorted by path).")
+              help="Only files matching PATTERN (case-sensitive: '*.jpg' does not match X.JPG): on the file name "
+                   "if it has no '/', else on the path under ARCHIVE.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N input files (sorted by path; the same N each run, done or not).")
 @click.option("--force", is_flag=True,
               help="Rescore the selected files even if already done (new rows supersede old ones); on a folder "
-                   "holding another model's results, remove them and take the folder over.")
+                   "holding another model's results, move them to OUTPUT/replaced/ and take the folder over.")
 @click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file this run processed could not be scored (default: error rows, exit 0). "
                    "Files that failed in an earlier run count as done (except read_failed and out_of_memory, "
                    "which every run retries); "
@@ -78,15 +80,17 @@ class _ProgressLine:
               help="Write the run's Prometheus metrics here (text format, e.g. for node_exporter's textfile collector).")
 @click.option("--pushgateway", default=None, metavar="URL", help="Also push the metrics to this Prometheus Pushgateway.")
 @click.option("--part-rows", type=click.IntRange(min=1), default=_D.part_rows, show_default=True,
-              help="Rows per Parquet part (a killed run rescores at most the rows not yet in a part).")
+              help="Rows before a Parquet part is written (at least: whole blocks go into a part; a killed "
+                   "run rescores at most the rows not yet in a part).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     """Score every X-ray under ARCHIVE into Parquet, on Ray Data.
 
     ARCHIVE is a folder (searched recursively), a single file, or a pyarrow
     filesystem URI (s3://bucket/prefix, gs://..., file:///...). Files are
-    recognised by content: JPEG, PNG (8/16-bit), DICOM, TIFF, BMP, WebP; files
-    with an image extension that are not images become error rows.
+    recognised by content: JPEG, PNG (8/16-bit), DICOM, TIFF, BMP, WebP, GIF;
+    files with an image extension that are not images become error rows.
+    Folder symlinks are followed unless they lead back into the archive.
 
     \b
     Every input file gets exactly one current row (schema: cxr/screening.py;
@@ -96,6 +100,7 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     land in OUTPUT/results/part-*.parquet as they finish; a rerun (or a run
     after the job was killed) scores only files this model has not scored yet,
     and retries read_failed and out_of_memory (trouble of the run, not the file).
+    Rows of files since deleted from the archive stay (the results are a record).
 
     \b
     Examples:
@@ -123,17 +128,17 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
         if progress:
             progress.close()
     failed = cfg.fail_on_error and summary["errors"] > 0
-    if cfg.metrics_file or cfg.pushgateway:
-        reg = S.metrics_registry(summary, success=not failed)
-        if cfg.metrics_file:
-            S.write_metrics_file(reg, cfg.metrics_file)
-        if cfg.pushgateway:
-            S.push_metrics(reg, cfg.pushgateway)
     _save_config(cfg)
     click.echo(S.format_summary(summary))
     click.echo(f"results: {cfg.output}/{S.RESULTS_DIR}" + (f"  report: {summary['report']}" if summary.get("report") else ""))
     if summary.get("report"):
         click.echo(_brief(json.loads((Path(summary["report"]) / "metrics.json").read_text())))
+    if cfg.metrics_file or cfg.pushgateway:  # after the summary: a metrics target that fails (exit 2) hides no result
+        reg = S.metrics_registry(summary, success=not failed)
+        if cfg.metrics_file:
+            S.write_metrics_file(reg, cfg.metrics_file)
+        if cfg.pushgateway:
+            S.push_metrics(reg, cfg.pushgateway)
     if failed:
         click.secho(f"error: {summary['errors']} file(s) could not be scored (--fail-on-error)", fg="red", err=True)
         sys.exit(1)
