@@ -40,7 +40,7 @@ class ModelMetadata:
     task: str = "binary"
     arch: str = ARCH
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    threshold: float = 0.5  # on the pneumonia score (1 - p(normal))
+    threshold: float = 0.5  # on the pneumonia score (p(not normal), cxr.metrics.pneumonia_score)
     target_sensitivity: float | None = None
     model_id: str = ""  # sha256 of WEIGHTS, filled by save_export
     model_version: str = ""  # human label, e.g. the run name

@@ -1,6 +1,6 @@
 """Screening metrics and the decision rule, shared by training, screening and reports.
 
-The screening score is P(pneumonia) = 1 - P(normal), for the binary and the
+The screening score is P(pneumonia) = P(not normal), for the binary and the
 subtype task alike; the decision threshold applies to that score.
 """
 
@@ -12,9 +12,14 @@ import numpy as np
 
 
 def pneumonia_score(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    """N x C probabilities -> N scores of 'not normal'."""
+    """N x C probabilities -> N scores of 'not normal': the sum of the other classes' probabilities.
+
+    Not 1 - P(normal): in float32 that rounds to 0 for a confident 'normal' (P(normal) = 1.0f while
+    P(pneumonia) = 1e-9), and the score would differ from the ``prob_pneumonia`` a user reads
+    beside it. For the binary task the sum is exactly P(pneumonia).
+    """
     probs = np.asarray(probs, dtype=np.float64)
-    return 1.0 - probs[:, list(classes).index("normal")]
+    return np.delete(probs, list(classes).index("normal"), axis=1).sum(axis=1)
 
 
 def decide(probs: np.ndarray, classes: Sequence[str], threshold: float) -> list[str]:
@@ -22,7 +27,7 @@ def decide(probs: np.ndarray, classes: Sequence[str], threshold: float) -> list[
     probs = np.asarray(probs, dtype=np.float64)
     classes = list(classes)
     normal = classes.index("normal")
-    score = 1.0 - probs[:, normal]
+    score = pneumonia_score(probs, classes)
     masked = probs.copy()
     masked[:, normal] = -1.0
     best = masked.argmax(axis=1)

@@ -5,7 +5,7 @@ runs anywhere the Parquet results can be read. The screening job calls
 ``write_report(table, output_dir)``; everything shown is computed from the rows.
 
 Conventions
-- The screening score is ``cxr.metrics.pneumonia_score`` (1 - p(normal)), for the binary
+- The screening score is ``cxr.metrics.pneumonia_score`` (p(not normal)), for the binary
   and the subtype model alike; "positive" means any non-normal truth (pneumonia,
   bacteria, virus).
 - Predictions are the ``label`` column (what the screening job delivered); a row whose
@@ -99,7 +99,9 @@ def wilson_interval(successes: int, total: int, z: float = 1.959963984540054) ->
     denom = 1.0 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # at 0 % or 100 % one bound is exact in theory but 1e-17 off in floats: snap what rounding moved
+    lo, hi = centre - half, centre + half
+    return (0.0 if successes == 0 else max(0.0, lo), 1.0 if successes == total else min(1.0, hi))
 
 
 def calibration_bins(y_true: np.ndarray, score: np.ndarray, n_bins: int = CALIBRATION_BINS) -> dict[str, Any]:
@@ -306,7 +308,7 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
     counts["positives"], counts["negatives"] = int(y.sum()), int((~y).sum())
     if idx.size == 0:
         metrics["metrics_available"] = False
-        metrics["reason"] = "no scored row has a true_label: metrics unavailable (counts and errors only)"
+        metrics["reason"] = "no scored row has a true_label (counts and errors only)"
         return metrics, {}
     metrics["metrics_available"] = True
     probs = rows["probs"][idx]

@@ -661,6 +661,8 @@ def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneum
         raise CxrError(f"labels manifest {manifest} needs columns path,label (has {sorted(rows[0])})")
     subtype_model = "bacteria" in classes or "virus" in classes
     for i, row in enumerate(rows):
+        if not (row["label"] or "").strip():  # a blank cell: this file's truth is not known (yet)
+            continue
         label = normalise_label(row["label"], f"{manifest}:{i + 2}")
         subtype = (row.get("subtype") or "").strip().lower()
         if subtype_model and subtype in classes:  # "unknown" or a misspelling keeps the binary label

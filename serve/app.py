@@ -93,7 +93,7 @@ class Prediction(BaseModel):
     model_id: str = Field(description="sha256 of the exported weights")
     model_version: str = ""
     probabilities: dict[str, float] = Field(description="probability per class, keyed by class name")
-    pneumonia_score: float = Field(description="1 - P(normal); the threshold applies to it")
+    pneumonia_score: float = Field(description="P(not normal), the sum of the other classes; the threshold applies to it")
     label: str = Field(description="'normal' below the threshold, else the most likely other class")
     threshold: float
     latency_ms: float
@@ -205,6 +205,19 @@ def image_parts(parts: list[tuple[str | None, str | None, bytes]]) -> list[tuple
     return [(filename, data) for name, filename, data in parts if filename is not None or name in FILE_FIELDS]
 
 
+#: training settings that name places on the training machines: not for every client of the API
+_PRIVATE_TRAIN_KEYS = ("data", "output", "storage")
+
+
+def _public(meta: dict[str, Any]) -> dict[str, Any]:
+    """The export's metadata without the training run's paths (file layout, bucket names)."""
+    if "train_config" not in meta:
+        return meta
+    train = {k: v for k, v in (meta["train_config"] or {}).items()
+             if k not in _PRIVATE_TRAIN_KEYS and not (k == "pretrained" and v not in ("imagenet", "none"))}
+    return {**meta, "train_config": train}
+
+
 def _json_log_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -268,6 +281,7 @@ class CxrModel:
 
     def check_health(self) -> None:
         """Called by the Serve controller; raising makes Serve replace this replica."""
+        self._set_model_info()  # Ray drops a gauge not set again within 2 metrics report intervals (~20 s)
         if self._unhealthy:
             raise RuntimeError(self._unhealthy)
 
@@ -296,6 +310,12 @@ class CxrModel:
         self.m_errors = m.Counter("cxr_errors_total", "Errors by code (image and request errors).", ("code",))
         self.m_info = m.Gauge("cxr_model_info", "1 per replica, labelled with the served model.",
                               ("model_id", "model_version", "engine"))
+        self._set_model_info()
+
+    def _set_model_info(self) -> None:
+        """Set at start and on every health check (every ``health_check_period_s``, 10 s): Ray 2.60 stops
+        exporting a gauge that was not set within two metrics report intervals (20 s by default), and the
+        Grafana dashboard's cluster selector and rollout queries read this one."""
         self.m_info.set(1, tags={"model_id": self.meta.model_id, "model_version": self.meta.model_version or "",
                                  "engine": self.engine.name})
 
@@ -383,8 +403,12 @@ class CxrModel:
         if kind == "multipart/form-data":
             files = image_parts(parse_multipart(request.headers["content-type"], await self._read_body(request)))
             if not files:
-                raise ApiError(422, "no_image", "multipart body has no file part (send the image as field 'file')")
-            return files[:1] if single else files
+                field = "'file'" if single else "'files' (one part per image)"
+                raise ApiError(422, "no_image", f"multipart body has no file part (send the image as field {field})")
+            if single and len(files) > 1:  # answering for the first part alone would drop the others silently
+                raise ApiError(422, "multiple_images",
+                               f"{len(files)} file parts; /v1/predict takes one image, /v1/predict/batch several")
+            return files
         if single and (kind in RAW_TYPES or kind.startswith("image/")):
             return [(None, await self._read_body(request))]
         accepted = "image/jpeg, image/png, application/dicom or multipart/form-data" if single else \
@@ -482,7 +506,7 @@ class CxrModel:
                        "max_batch_size": self.max_batch_size, "batch_wait_ms": self.batch_wait_ms,
                        "max_body_mb": self.cfg.max_body_mb,
                        "request_timeout_s": self.cfg.request_timeout_s, "auth": self.token is not None}
-            return {**self.meta.to_json(), "serving": serving, "request_id": rid}, 0
+            return {**_public(self.meta.to_json()), "serving": serving, "request_id": rid}, 0
 
         return await self._handle(request, "/v1/model", work)
 

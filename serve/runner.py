@@ -139,6 +139,13 @@ def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval
     started_ray, metrics_port = init_ray(cfg, num_cpus, metrics_report_interval_ms, quiet, log_to_driver)
     handle = Started(cfg, started_ray, metrics_port)
     try:
+        if started_ray:  # a local Ray will never grow a GPU: say so now, not after deploy's 300 s wait
+            import ray
+
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            if cfg.gpus_per_replica > gpus:
+                raise CxrError(f"--gpus-per-replica {cfg.gpus_per_replica:g} but this machine has {gpus:g} GPU(s) "
+                               "visible to Ray; use 0 for CPU replicas, or RAY_ADDRESS of a cluster with GPUs")
         deploy(cfg)
     except BaseException:
         stop(handle)
@@ -173,7 +180,14 @@ def stop(started: Started) -> None:
 
     if not ray.is_initialized():
         return
-    drain = serve.shutdown if started.started_ray else (lambda: serve.delete(started.cfg.app_name))
+    def drain() -> None:
+        # the app first: its replicas finish their in-flight requests while the proxies, still up, carry
+        # the answers back (new requests get a 404 meanwhile); serve.shutdown alone kills the proxies at
+        # once, and clients in flight saw their connection dropped
+        serve.delete(started.cfg.app_name)
+        if started.started_ray:
+            serve.shutdown()
+
     worker = threading.Thread(target=drain, name="serve-drain", daemon=True)
     worker.start()
     worker.join(started.cfg.graceful_shutdown_timeout_s + 30.0)

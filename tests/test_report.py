@@ -110,6 +110,15 @@ class _Links(HTMLParser):
         self.refs += [v for k, v in attrs if k in ("src", "href", "srcset", "data", "poster") and v is not None]
 
 
+def test_the_score_of_a_confident_normal_keeps_its_digits() -> None:
+    """1 - P(normal) in float32 is 0 for P(normal) = 1.0f: every such film tied, an AUC of 0.5 on an
+    untrained model that sklearn on prob_pneumonia ranks at 0.68 (an operations review)."""
+    probs = np.array([[1.0, 3e-9], [1.0, 2e-8], [0.25, 0.75]], dtype=np.float32)
+    np.testing.assert_array_equal(pneumonia_score(probs, BINARY), probs[:, 1].astype(np.float64))
+    subtype = np.array([[0.5, 0.2, 0.3]], dtype=np.float32)
+    assert pneumonia_score(subtype, SUBTYPE)[0] == pytest.approx(0.5)
+
+
 @pytest.fixture(scope="module")
 def binary_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, dict, Path]:
     table = make_results(BINARY)
@@ -282,7 +291,7 @@ def test_no_labels_reports_counts_and_errors(tmp_path: Path) -> None:
     table = make_results(BINARY, n_normal=0, n_bacteria=0, n_virus=0, n_unlabelled=30, n_errors=5)
     table = table.set_column(table.schema.get_field_index("true_label"), "true_label", pa.nulls(table.num_rows, pa.string()))
     m = write_report(table, tmp_path)
-    assert m["metrics_available"] is False and "unavailable" in m["reason"]
+    assert m["metrics_available"] is False and "no scored row has a true_label" in m["reason"]
     assert m["counts"]["scored"] == 30 and m["counts"]["unlabelled"] == 30 and m["counts"]["errors"] == 5
     assert sum(e["count"] for e in m["errors"]["by_code"].values()) == 5
     assert strict_json(tmp_path / "metrics.json") == m
@@ -338,6 +347,7 @@ def test_delivered_label_mismatch_is_warned() -> None:
 
 def test_small_helpers() -> None:
     assert wilson_interval(0, 10)[0] == 0.0 and 0.25 < wilson_interval(0, 10)[1] < 0.35
+    assert all(wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0 for n in range(1, 300))  # no 1e-17
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(1 - hi) and 0.40 < lo < 0.41
     cal = calibration_bins(np.array([0, 1, 1]), np.array([0.1, 0.1, 1.0]))

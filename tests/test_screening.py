@@ -224,6 +224,13 @@ def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:
     odd = tmp_path / "odd.csv"
     odd.write_text("path,label,subtype\nb.png,PNEUMONIA,unknown\n")
     assert S.load_labels(str(odd), ["normal", "bacteria", "virus"]).lookup(str(tmp_path / "b.png"), None) == "pneumonia"
+    blank = tmp_path / "blank.csv"  # a file not read yet by a radiologist: unknown, not a broken manifest
+    blank.write_text("path,label\na.png,\nb.png,NORMAL\n")
+    idx = S.load_labels(str(blank), CLASSES)
+    assert idx.lookup(str(tmp_path / "a.png"), None) is None and idx.lookup(str(tmp_path / "b.png"), None) == "normal"
+    odd.write_text("path,label\nb.png,sick\n")
+    with pytest.raises(CxrError, match="sick"):  # a label that is there but wrong still fails loudly
+        S.load_labels(str(odd), CLASSES)
 
 
 def test_stored_true_labels_beat_folder_names_but_not_the_manifest(tmp_path: Path) -> None:

@@ -46,8 +46,10 @@ def build_config(**kw) -> ServeConfig:
 @click.option("--port", type=_PORT, default=_DEFAULT.port, show_default=True, help="HTTP port of the API.")
 @click.option("--metrics-port", type=_PORT, default=_DEFAULT.metrics_port, show_default=True,
               help="Prometheus port of the local Ray instance (cxr_* and ray_serve_* series).")
-@click.option("--min-replicas", type=click.IntRange(min=0), default=_AUTO.min_replicas, show_default=True)
-@click.option("--max-replicas", type=click.IntRange(min=1), default=_AUTO.max_replicas, show_default=True)
+@click.option("--min-replicas", type=click.IntRange(min=0), default=_AUTO.min_replicas, show_default=True,
+              help="Autoscaling floor (0 = scale to zero when idle; the first request then waits for a replica).")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=_AUTO.max_replicas, show_default=True,
+              help="Autoscaling ceiling; Serve adds replicas while each has more than the target in flight.")
 @click.option("--target-ongoing-requests", type=_POSITIVE, default=_AUTO.target_ongoing_requests, show_default=True,
               help="Autoscaling target: in-flight requests per replica.")
 @click.option("--gpus-per-replica", type=_NON_NEGATIVE, default=_DEFAULT.gpus_per_replica, show_default=True,
@@ -68,7 +70,8 @@ def build_config(**kw) -> ServeConfig:
 @click.option("--engine", type=click.Choice(ENGINES), default=_DEFAULT.engine, show_default=True, help=ENGINE_HELP)
 @click.option("--max-body-mb", type=_POSITIVE, default=_DEFAULT.max_body_mb, show_default=True,
               help="Request body cap in MiB (413 above it).")
-@click.option("--request-timeout-s", type=_POSITIVE, default=_DEFAULT.request_timeout_s, show_default=True)
+@click.option("--request-timeout-s", type=_POSITIVE, default=_DEFAULT.request_timeout_s, show_default=True,
+              help="A request not answered in this time gets 503 'timeout' (with Retry-After).")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None,
               help="CPUs of the local Ray instance (default: all).")
 @click.option("--print-config", is_flag=True,
@@ -83,7 +86,10 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
       POST /v1/predict/batch  several images, multipart (one part each)
       GET  /v1/model          the export's metadata;  GET /healthz, /readyz;  /docs (OpenAPI)
     Set CXR_API_TOKEN to require 'Authorization: Bearer <token>' on /v1/*.
-    Ctrl-C drains in-flight requests and stops everything this command started.
+    Ctrl-C or SIGTERM drains in-flight requests and stops everything this command started.
+    Settings without a flag here (overload status and Retry-After, health-check and
+    shutdown timings, preprocessing threads, batch route size) are in the YAML that
+    --print-config prints: edit it and `serve deploy` it.
 
     \b
     Examples:
@@ -109,7 +115,7 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
     meta = read_metadata(cfg.model)
     click.echo(f"starting Ray Serve for model {meta.model_id[:12]} ({meta.model_version or 'unnamed'}) ...", err=True)
 
-    def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: drain and stop
+    def _terminate(signum, frame):  # SIGTERM (docker stop, Kubernetes, systemd) behaves like Ctrl-C: drain and stop
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -119,6 +125,7 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
     started = None
     try:
         started = runner.start(cfg, num_cpus=num_cpus, quiet=True)
+        signal.signal(signal.SIGTERM, _terminate)  # again: ray.init installed its own (sys.exit, no drain)
 
         base = started.base_url
         click.echo(f"cxr serve: model {meta.model_id[:12]} ({', '.join(meta.classes)}; threshold {meta.threshold:.3f})")
