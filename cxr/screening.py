@@ -60,7 +60,8 @@ import pyarrow.parquet as pq
 from cxr.data import IMAGE_SUFFIXES, label_from_path, normalise_label, read_manifest_rows
 from cxr.errors import CxrError
 
-SCHEMA_VERSION = 1
+#: 1: the columns of the issue; 2: ``mtime_ns`` (parts of either version read together; missing = null)
+SCHEMA_VERSION = 2
 STATE_FILE = "_screen.json"
 LOCK_FILE = "_screen.lock"
 RESULTS_DIR = "results"
@@ -71,6 +72,11 @@ SUMMARY_FILE = "summary.json"
 #: error codes that mean "try again next run" rather than "this file is bad"
 RETRY_CODES = frozenset({"read_failed", "out_of_memory"})
 _SNIFF_BYTES = 132  # enough for every magic number, DICOM's "DICM" sits at 128
+#: a file modified this close to the listing is not trusted by (size, mtime) alone: a rewrite within
+#: the file system's timestamp granularity (a few ms, a second on S3), or by a server whose clock is
+#: a little off, could keep both ("racy git"). Its mtime is not recorded, so later runs read it (and
+#: find it done by its hash) until it changes: ~0.07 % of files arriving around the clock.
+SETTLED_NS = 60 * 10**9
 
 
 # --------------------------------------------------------------------------- schema
@@ -85,6 +91,7 @@ def result_schema(classes: Sequence[str]) -> pa.Schema:
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("size_bytes", pa.int64()),
+        pa.field("mtime_ns", pa.int64()),  # the file's modification time when listed; null: not trusted
         pa.field("sha256", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -123,8 +130,8 @@ def build_rows(
 ) -> pa.Table:
     """One results table from per-file fields and the engine's probabilities.
 
-    ``base`` holds path, size_bytes, sha256, width, height, error_code, error
-    (empty string / negative size = unknown); ``probs`` is N x C with rows for
+    ``base`` holds path, size_bytes, sha256, width, height, error_code, error and optionally
+    mtime_ns (empty string / negative number = unknown); ``probs`` is N x C with rows for
     error files ignored; ``ok`` marks the rows that were scored. The decision is
     :func:`cxr.metrics.decide` at ``threshold``, the same rule serving uses.
     """
@@ -145,6 +152,7 @@ def build_rows(
     cols: dict[str, Any] = {
         "path": [str(p) for p in base["path"]],
         "size_bytes": opt_int(base["size_bytes"]),
+        "mtime_ns": opt_int(base["mtime_ns"]) if "mtime_ns" in base else [None] * n,
         "sha256": opt_str(base["sha256"]),
         "width": opt_int(base["width"]),
         "height": opt_int(base["height"]),
@@ -197,6 +205,31 @@ def done_keys(results: pa.Table, model_id: str) -> np.ndarray:
         resume_key(p, s)
         for p, s, m, e in zip(t["path"], t["sha256"], t["model_id"], t["error_code"])
         if m == model_id and s and e not in RETRY_CODES
+    }
+    return np.array(sorted(keys), dtype="S16")
+
+
+def stat_key(path: str, size: int, mtime_ns: int) -> bytes:
+    """16-byte key of (path, size, modification time): what a rerun checks before reading a file."""
+    return hashlib.blake2b(f"{path}\0{size}\0{mtime_ns}".encode(), digest_size=16).digest()
+
+
+def unchanged_keys(results: pa.Table, model_id: str) -> np.ndarray:
+    """Sorted ``S16`` :func:`stat_key` array of the current rows ``model_id`` scored with a settled mtime.
+
+    A listed file whose key is in it has the path, size and modification time of a file this model
+    already scored: it is skipped without being read (a nightly rerun over a large archive would
+    otherwise read every byte of it again to hash it). Same rules as :func:`done_keys` otherwise;
+    ``results`` also needs size_bytes and mtime_ns (null in parts written before schema v2).
+    """
+    if results.num_rows == 0 or "mtime_ns" not in results.column_names:
+        return np.zeros(0, dtype="S16")
+    t = dedupe_latest(results).select(["path", "size_bytes", "mtime_ns", "sha256", "model_id", "error_code"]).to_pydict()
+    keys = {
+        stat_key(p, n, m)
+        for p, n, m, s, mid, e in zip(t["path"], t["size_bytes"], t["mtime_ns"], t["sha256"], t["model_id"],
+                                      t["error_code"])
+        if mid == model_id and s and m is not None and n is not None and e not in RETRY_CODES
     }
     return np.array(sorted(keys), dtype="S16")
 
@@ -289,13 +322,28 @@ def read_parts(location: str, classes: Sequence[str] | None = None, columns: Seq
     tables = []
     for p in parts:
         try:
-            tables.append(pq.read_table(p, filesystem=fs, columns=list(columns) if columns else None))
+            tables.append(_read_part(fs, p, columns))
         except Exception as exc:  # noqa: BLE001
             raise CxrError(f"cannot read result part {p}: {exc}") from None
     try:
         return pa.concat_tables(tables, promote_options="default")
     except pa.ArrowInvalid as exc:
         raise CxrError(f"result parts in {location} have different schemas: {exc}") from None
+
+
+def _read_part(fs: pafs.FileSystem, path: str, columns: Sequence[str] | None) -> pa.Table:
+    """One part; a column its (older) schema lacks comes back as nulls of the current type."""
+    part = pq.ParquetFile(path, filesystem=fs)
+    if not columns:
+        return part.read()
+    have = set(part.schema_arrow.names)
+    table = part.read(columns=[c for c in columns if c in have])
+    current = result_schema([])
+    for c in columns:
+        if c not in have:
+            kind = current.field(c).type if c in current.names else pa.null()
+            table = table.append_column(c, pa.nulls(table.num_rows, kind))
+    return table.select(list(columns))
 
 
 def read_results(location: str) -> pa.Table:
@@ -444,6 +492,7 @@ class InputFile:
     path: str  # user-facing path (absolute local path or full URI)
     fs_path: str  # path inside the filesystem
     size: int
+    mtime_ns: int | None = None  # None: unknown, or too recent to trust (SETTLED_NS)
 
 
 def _matches(rel: str, pattern: str) -> bool:
@@ -464,6 +513,7 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
     """
     fs, root = open_fs(archive)
     prefix = uri_prefix(archive)
+    listed_ns = time.time_ns()
     try:
         info = fs.get_file_info(root)
     except Exception as exc:  # noqa: BLE001
@@ -504,7 +554,9 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
             if head is not None and detect_format(head) is None:  # b"" included: an empty file without a suffix
                 ignored += 1
                 continue
-        files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0)))
+        mtime = fi.mtime_ns
+        settled = mtime if mtime is not None and mtime < listed_ns - SETTLED_NS else None
+        files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0), mtime_ns=settled))
         if limit is not None and len(files) >= limit:
             break
     return files, fs, ignored
@@ -551,7 +603,7 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
             except UnicodeEncodeError:
                 bad += 1
                 continue
-            out.append(pafs.FileInfo(full, type=pafs.FileType.File, size=st.st_size))
+            out.append(pafs.FileInfo(full, type=pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns))
     _warn_undecodable(bad)
     return out, bad
 

@@ -121,16 +121,17 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
     keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     size = cfg.image_size
     cap = max_file_bytes(cfg.max_pixels)
-    out: dict[str, list[Any]] = {k: [] for k in ("path", "size_bytes", "sha256", "width", "height", "error_code", "error")}
+    out: dict[str, list[Any]] = {k: [] for k in ("path", "size_bytes", "mtime_ns", "sha256", "width", "height",
+                                                 "error_code", "error")}
     images: list[np.ndarray] = []
 
-    def add(path: str, nbytes: int, sha: str, width: int, height: int, code: str, msg: str,
+    def add(path: str, nbytes: int, mtime: int, sha: str, width: int, height: int, code: str, msg: str,
             tensor: np.ndarray | None) -> None:
-        for column, value in zip(out, (path, nbytes, sha, width, height, code, msg), strict=True):
+        for column, value in zip(out, (path, nbytes, mtime, sha, width, height, code, msg), strict=True):
             out[column].append(value)
         images.append(tensor if tensor is not None else np.zeros((1, size, size), np.float32))
 
-    for path, fs_path, nbytes in zip(batch["path"], batch["fs_path"], batch["size"]):
+    for path, fs_path, nbytes, mtime in zip(batch["path"], batch["fs_path"], batch["size"], batch["mtime_ns"]):
         path, fs_path = str(path), str(fs_path)
         code, msg, sha, width, height = "", "", "", -1, -1
         tensor, data = None, None
@@ -157,13 +158,14 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
             wh = image_size_of(data) if data else None
             if wh:
                 width, height = wh
-        add(path, int(nbytes), sha, width, height, code, msg, tensor)
+        add(path, int(nbytes), int(mtime), sha, width, height, code, msg, tensor)
     skipped_all = not images
     if skipped_all:  # a 0-row 4-D array has no Arrow tensor type (Ray Data would pickle it, with a warning):
-        add("", 0, "", -1, -1, "", "", None)  # type the block from one placeholder row, then drop the row
+        add("", 0, -1, "", -1, -1, "", "", None)  # type the block from one placeholder row, then drop the row
     result: dict[str, np.ndarray] = {
         "path": np.array(out["path"], dtype=object),
         "size_bytes": np.array(out["size_bytes"], dtype=np.int64),
+        "mtime_ns": np.array(out["mtime_ns"], dtype=np.int64),
         "sha256": np.array(out["sha256"], dtype=object),
         "width": np.array(out["width"], dtype=np.int64),
         "height": np.array(out["height"], dtype=np.int64),
@@ -197,7 +199,8 @@ class Scorer:
         probs = np.zeros((n, len(self.classes)), np.float32)
         if ok.any():
             probs[ok] = self.engine.predict_proba(batch["image"][ok])
-        base = {k: batch[k] for k in ("path", "size_bytes", "sha256", "width", "height", "error_code", "error")}
+        base = {k: batch[k] for k in ("path", "size_bytes", "mtime_ns", "sha256", "width", "height", "error_code",
+                                      "error")}
         lost = ok & ~np.isfinite(probs).all(axis=1)
         if lost.any():  # never label a NaN: an error row says what happened instead
             ok &= ~lost
@@ -368,11 +371,16 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         S.clean_tmp(cfg.output)
         S.write_state(cfg.output, meta.model_id, meta.model_version, classes)
         if cfg.force:  # rescore the selected files; their new rows supersede the old ones (newest wins)
-            keys = np.zeros(0, dtype="S16")
+            keys, todo = np.zeros(0, dtype="S16"), files
         else:
-            done = S.read_parts(cfg.output, classes, columns=["path", "sha256", "model_id", "error_code", "scored_at"])
+            done = S.read_parts(cfg.output, classes, columns=["path", "size_bytes", "mtime_ns", "sha256", "model_id",
+                                                              "error_code", "scored_at"])
             keys = S.done_keys(done, meta.model_id)
-        stats = _execute(cfg, meta, files, fs, keys, labels, on_progress, t0)
+            unchanged = S.unchanged_keys(done, meta.model_id)
+            todo = [f for f in files if f.mtime_ns is None  # unchanged since scored: not even read
+                    or not S.is_done(unchanged, S.stat_key(f.path, f.size, f.mtime_ns))]
+            del done
+        stats = _execute(cfg, meta, todo, fs, keys, labels, on_progress, t0, total=len(files))
         duration = time.perf_counter() - t0
         summary = S.summarize_counts(
             processed=stats.rows, errors_by_code=stats.errors_by_code, labelled=stats.labelled,
@@ -387,8 +395,10 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
 
 
 def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile], fs: pafs.FileSystem,
-             keys: np.ndarray, labels: S.LabelIndex, on_progress: ProgressFn | None, t0: float) -> RunStats:
-    """Run the Ray Data pipeline over ``files`` and write the rows as parts."""
+             keys: np.ndarray, labels: S.LabelIndex, on_progress: ProgressFn | None, t0: float,
+             total: int) -> RunStats:
+    """Run the Ray Data pipeline over ``files`` (``total`` input files, the rest unchanged) and write the rows
+    as parts. Nothing to read: no Ray at all (a quiet night costs the listing, not Ray's start)."""
     stats = RunStats()
     normal = "normal"
     if not files:
@@ -403,7 +413,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
 
     def report(stage: str = "") -> None:
         if on_progress:
-            on_progress(Progress(stats.rows, len(files), stats.errors, time.perf_counter() - t0, stage))
+            on_progress(Progress(stats.rows, total, stats.errors, time.perf_counter() - t0, stage))
 
     if not ray.is_initialized():
         address = cluster_address()
@@ -414,7 +424,8 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         res = ray.cluster_resources()
         topo = plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)), autoscaling=bool(cluster_address()))
         keys_ref = ray.put(keys) if keys.size else None
-        items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size} for f in files]
+        items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size,
+                  "mtime_ns": -1 if f.mtime_ns is None else f.mtime_ns} for f in files]
         engine = resolve_backend(cfg.engine, gpu=topo.actor_gpus > 0)
         batch = cfg.batch_size or preferred_batch(engine, gpu=topo.actor_gpus > 0)
         blocks = max(1, math.ceil(len(items) / batch))

@@ -248,6 +248,34 @@ def test_rerun_scores_only_new_or_changed_files(screened, data_dir) -> None:
     assert rows[str(changed)]["sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()  # newest row wins
 
 
+def test_a_rerun_skips_unchanged_files_without_reading_them(ray_local, tiny_model, tmp_path, sample_images) -> None:
+    """Path, size and modification time as last scored: not read, not hashed, no Ray pipeline at all.
+    A file modified within the last minute (SETTLED_NS) is not trusted this way: it is read again."""
+    archive, out = tmp_path / "a", tmp_path / "out"
+    archive.mkdir()
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for i, src in enumerate(sample_images[:3]):
+        shutil.copy(src, archive / f"{i}.jpeg")
+        if i < 2:
+            os.utime(archive / f"{i}.jpeg", ns=(hour_ago, hour_ago))
+    args = ["screen", str(archive), "-m", str(tiny_model), "-o", str(out), "--no-report"]
+    assert invoke(*args).exit_code == 0
+    rows = _rows(out)
+    assert [rows[str(archive / f"{i}.jpeg")]["mtime_ns"] for i in range(3)] == [hour_ago, hour_ago, None]
+    res = invoke(*args)  # the fresh file is read again (and found done by its hash); the others are not
+    assert res.exit_code == 0 and "scored: 0  skipped (already done): 3" in res.output, res.output
+    assert "scoring actor" in res.output
+    settled = [*args, "--glob", "[01].jpeg"]
+    res = invoke(*settled)
+    assert "scored: 0  skipped (already done): 2" in res.output and "scoring actor" not in res.output, res.output
+    data = bytearray((archive / "0.jpeg").read_bytes())  # changed: new content, same size, another time
+    data[-3] ^= 0xFF
+    (archive / "0.jpeg").write_bytes(bytes(data))
+    os.utime(archive / "0.jpeg", ns=(hour_ago + 10**9, hour_ago + 10**9))
+    res = invoke(*settled)
+    assert "scored: 1  skipped (already done): 1" in res.output, res.output
+
+
 def test_fail_on_error_exits_non_zero(screened, tmp_path) -> None:
     res = invoke("screen", str(screened["archive"]), "--model", str(screened["model"]), "--output",
                  str(tmp_path / "o"), "--glob", "bad-*", "--fail-on-error", "--no-report")
@@ -459,11 +487,13 @@ def test_scorer_turns_non_finite_probabilities_into_error_rows(tiny_model) -> No
     batch = {"path": np.array(["a", "b", "c"], dtype=object), "size_bytes": np.array([1, 1, 1]),
              "sha256": np.array(["1" * 64, "2" * 64, "3" * 64], dtype=object), "width": np.array([64] * 3),
              "height": np.array([64] * 3), "error_code": np.array(["", "", "empty"], dtype=object),
-             "error": np.array(["", "", "empty input"], dtype=object), "image": images}
+             "error": np.array(["", "", "empty input"], dtype=object), "image": images,
+             "mtime_ns": np.array([-1, 7, -1])}
     rows = scorer(batch).to_pylist()
     assert rows[0]["label"] in ("normal", "pneumonia") and rows[0]["error_code"] is None
     assert rows[1]["label"] is None and rows[1]["error_code"] == "corrupt" and "non-finite" in rows[1]["error"]
     assert rows[2]["error_code"] == "empty" and rows[2]["error"] == "empty input"
+    assert [r["mtime_ns"] for r in rows] == [None, 7, None]
 
 
 def test_prepare_refuses_a_file_over_the_size_cap_without_reading_it(tmp_path, sample_images) -> None:
@@ -480,7 +510,7 @@ def test_prepare_refuses_a_file_over_the_size_cap_without_reading_it(tmp_path, s
     good = sample_images[0]
     batch = {"path": np.array([str(big), str(good)], dtype=object),
              "fs_path": np.array([str(big), str(good)], dtype=object),
-             "size": np.array([big.stat().st_size, good.stat().st_size])}
+             "size": np.array([big.stat().st_size, good.stat().st_size]), "mtime_ns": np.array([-1, -1])}
     pre = dataclasses.asdict(PreprocessConfig(image_size=32, max_pixels=1000))
     out = prepare(batch, fs=None, pre=pre, done=None)
     assert list(out["error_code"]) == ["too_large", "too_large"]  # the 224x224 film is over 1000 px as well
@@ -501,7 +531,7 @@ def test_prepare_types_a_block_whose_files_are_all_done(tmp_path, sample_images,
 
     good = sample_images[0]
     batch = {"path": np.array([str(good)], dtype=object), "fs_path": np.array([str(good)], dtype=object),
-             "size": np.array([good.stat().st_size])}
+             "size": np.array([good.stat().st_size]), "mtime_ns": np.array([-1])}
     pre = dataclasses.asdict(PreprocessConfig(image_size=32))
     keys = np.array([S.resume_key(str(good), hashlib.sha256(good.read_bytes()).hexdigest())], dtype="S16")
     with caplog.at_level(logging.WARNING):

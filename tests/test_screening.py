@@ -32,7 +32,7 @@ def _base(paths: list[str], codes: list[str] | None = None) -> dict[str, list]:
 
 def test_schema_is_versioned_and_names_every_column() -> None:
     schema = S.result_schema(CLASSES)
-    assert schema.names == ["path", "size_bytes", "sha256", "width", "height", "prob_normal", "prob_pneumonia",
+    assert schema.names == ["path", "size_bytes", "mtime_ns", "sha256", "width", "height", "prob_normal", "prob_pneumonia",
                             "label", "threshold", "model_id", "model_version", "scored_at", "error_code", "error",
                             "true_label"]
     assert schema.metadata[b"cxr.schema_version"] == str(S.SCHEMA_VERSION).encode()
@@ -162,6 +162,27 @@ def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[P
     assert len(S.list_archive("file://" + str(tmp_path))[0]) == 4
     with pytest.raises(CxrError, match="archive not found"):
         S.list_archive(str(tmp_path / "missing"))
+
+
+def test_parts_written_before_schema_v2_read_with_null_mtimes(tmp_path: Path) -> None:
+    """A folder screened by an earlier cxr (no mtime_ns column) keeps working: its files are simply read again."""
+    out = str(tmp_path / "o")
+    old = S.build_rows(_base(["/a.png"]), np.array([[0.9, 0.1]]), [True], CLASSES, 0.5, "m", "v").drop_columns(["mtime_ns"])
+    (tmp_path / "o" / S.RESULTS_DIR).mkdir(parents=True)
+    pq.write_table(old, tmp_path / "o" / S.RESULTS_DIR / "part-old-00000.parquet")
+    writer = S.PartWriter(out, S.result_schema(CLASSES))
+    new = S.build_rows({**_base(["/b.png"]), "mtime_ns": [123]}, np.array([[0.2, 0.8]]), [True], CLASSES, 0.5, "m", "v")
+    writer.add(new)
+    writer.flush()
+    done = S.read_parts(out, CLASSES, columns=["path", "size_bytes", "mtime_ns", "sha256", "model_id", "error_code",
+                                               "scored_at"])
+    assert dict(zip(done.column("path").to_pylist(), done.column("mtime_ns").to_pylist())) == {"/a.png": None,
+                                                                                             "/b.png": 123}
+    keys = S.unchanged_keys(done, "m")
+    size_b = done.column("size_bytes").to_pylist()[1]
+    assert keys.size == 1 and S.is_done(keys, S.stat_key("/b.png", size_b, 123))
+    assert not S.is_done(keys, S.stat_key("/b.png", size_b, 124))
+    assert S.read_results(out).num_rows == 2
 
 
 def test_listing_follows_folder_links_once_and_never_loops(tmp_path: Path) -> None:

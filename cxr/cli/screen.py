@@ -100,6 +100,7 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     land in OUTPUT/results/part-*.parquet as they finish; a rerun (or a run
     after the job was killed) scores only files this model has not scored yet,
     and retries read_failed and out_of_memory (trouble of the run, not the file).
+    A file with the path, size and mtime of its current row is not even read.
     Rows of files since deleted from the archive stay (the results are a record).
 
     \b
