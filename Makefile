@@ -29,7 +29,7 @@ $(UV):
 setup: .venv/.synced
 
 demo: setup
-	$(PY) -m cxr.demo
+	$(PY) -m jobs.demo
 
 test: setup
 	@test -d "$(CXR_SHARED)/data/chest_xray" || { echo "error: shared data not found at $(CXR_SHARED)/data/chest_xray (set SHARED=...)"; exit 2; }

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -49,8 +50,10 @@ class Engine(Protocol):
         ...
 
 
-def export_onnx(model: nn.Module, image_size: int, path: str | Path, atol: float = 1e-4) -> None:
-    """Export ``softmax(model(x))`` to ONNX with a dynamic batch and check it equals PyTorch."""
+def export_onnx(model: nn.Module, image_size: int, path: str | Path, model_id: str, atol: float = 1e-4) -> None:
+    """Export ``softmax(model(x))`` to ONNX with a dynamic batch, tagged with ``model_id`` (as the TorchScript
+    graph is), and check it equals PyTorch."""
+    import onnx
     import torch
 
     from cxr.model import Probabilities
@@ -62,6 +65,9 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path, atol: float
         wrapped, (x,), str(tmp), input_names=["image"], output_names=["probs"],
         dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17, dynamo=False,
     )
+    proto = onnx.load(str(tmp))
+    onnx.helper.set_model_props(proto, {"model_id": model_id})
+    onnx.save(proto, str(tmp))
     sess = _ort_session(tmp, threads=0, gpu=False)
     with torch.inference_mode():
         ref = wrapped(x).numpy()
@@ -111,8 +117,14 @@ def _load_torchscript(path: str | Path, model_id: str, device: torch.device) -> 
 
 
 def _tmp_beside(path: str | Path) -> Path:
-    """A temporary name next to ``path``, unique per process: actors and replicas may build the same file at once."""
-    return Path(f"{path}.{os.getpid()}.tmp")
+    """A temporary name next to ``path``, unique per writer: actors and replicas, on nodes sharing the model
+    folder (containers all number their PIDs from 1), may build the same file at once."""
+    return Path(f"{path}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def onnx_model_id(session: Any) -> str:
+    """The ``model_id`` an ONNX graph was tagged with at export ('' for graphs exported before tags)."""
+    return session.get_modelmeta().custom_metadata_map.get("model_id", "")
 
 
 def _ort_session(path: str | Path, threads: int, gpu: bool):
@@ -142,10 +154,14 @@ class OnnxEngine:
     def __init__(self, model_dir: str | Path, threads: int = 0) -> None:
         self.meta = read_metadata(model_dir)
         path = Path(model_dir) / ONNX
-        if not path.is_file():  # an export written without ONNX: build it once, beside the weights
-            model, _ = load_export(model_dir)
-            export_onnx(model, self.meta.preprocess.image_size, path)
-        self.session = _ort_session(path, threads, gpu=cuda_available())
+        session = _ort_session(path, threads, gpu=cuda_available()) if path.is_file() else None
+        if session is None or onnx_model_id(session) not in ("", self.meta.model_id):
+            # no graph (an export written without one), or a graph of other weights (an export interrupted
+            # between its files): build it from the weights the metadata names, once, beside them
+            model, self.meta = load_export(model_dir)
+            export_onnx(model, self.meta.preprocess.image_size, path, self.meta.model_id)
+            session = _ort_session(path, threads, gpu=cuda_available())
+        self.session = session
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]

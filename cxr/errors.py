@@ -35,3 +35,9 @@ class ImageError(CxrError):
             raise ValueError(f"unknown image error code {code!r}")
         super().__init__(" ".join(message.split())[:1000])  # one line: a Parquet cell, a JSON field, a log line
         self.code = code
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -101,7 +101,7 @@ def save_export(directory: str | Path, model: nn.Module, meta: ModelMetadata, gr
 
         cpu_model = build_model(len(meta.classes))
         cpu_model.load_state_dict(state)
-        export_onnx(cpu_model, meta.preprocess.image_size, out / ONNX)
+        export_onnx(cpu_model, meta.preprocess.image_size, out / ONNX, meta.model_id)
         export_torchscript(cpu_model, meta.preprocess.image_size, out / TORCHSCRIPT, meta.model_id)
     return meta
 

@@ -48,6 +48,8 @@ def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: flo
     if pos.size == 0:
         return 0.5
     # sensitivity(t) = mean(pos >= t); allowing k misses keeps pos[k] as the cut
+    if not 0.0 < target <= 1.0:  # 98 (a percentage) or 1.5 would index from the end: a wrong threshold
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     k = int(np.floor((1.0 - target) * pos.size + 1e-9))
     cut = float(pos[min(k, pos.size - 1)])
     below = score[score < cut]

@@ -66,6 +66,11 @@ def _bare_dicom(data: bytes) -> bool:
     return data[0:2] == b"\x08\x00" and int.from_bytes(data[4:8], "little") < len(data)
 
 
+def _forced(dicom: bytes) -> bool:
+    """pydicom's ``force``: needed to read a dataset without the preamble (see :func:`_bare_dicom`)."""
+    return dicom[128:132] != b"DICM"
+
+
 def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> np.ndarray:
     """Decode image bytes to a float32 HxW array in [0, 1].
 
@@ -164,7 +169,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")  # force: no preamble
+        ds = pydicom.dcmread(io.BytesIO(data), force=_forced(data))
     except Exception as exc:  # noqa: BLE001
         raise ImageError("dicom_invalid", f"DICOM could not be parsed: {exc}") from None
     if "PixelData" not in ds:
@@ -267,7 +272,7 @@ def image_size_of(data: bytes) -> tuple[int, int] | None:
         if detect_format(data) == "dicom":
             import pydicom
 
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=_forced(data))
             return int(ds.Columns), int(ds.Rows)
         with Image.open(io.BytesIO(data)) as img:
             return img.size

@@ -756,19 +756,6 @@ def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled
     }
 
 
-def summarize(run_rows: pa.Table, candidates: int, ignored: int, duration_s: float, model_id: str,
-              model_version: str, classes: Sequence[str]) -> dict[str, Any]:
-    """:func:`summarize_counts` over a table of the rows a run wrote."""
-    errors: dict[str, int] = {}
-    for c in run_rows.column("error_code").to_pylist():
-        if c:
-            errors[c] = errors.get(c, 0) + 1
-    labels = [lab for lab in run_rows.column("label").to_pylist() if lab]
-    normal = "normal" if "normal" in classes else classes[0]
-    return summarize_counts(run_rows.num_rows, errors, len(labels), sum(lab != normal for lab in labels),
-                            candidates, ignored, duration_s, model_id, model_version)
-
-
 def format_summary(s: Mapping[str, Any]) -> str:
     errs = ", ".join(f"{k}={v}" for k, v in s["errors_by_code"].items()) or "none"
     lines = [
@@ -809,6 +796,19 @@ def metrics_registry(s: Mapping[str, Any], success: bool = True):
         Gauge("cxr_screen_images_per_second", "Files processed per second of wall time (Ray's start included)",
               registry=reg).set(s["images_per_s"])
     Gauge("cxr_screen_duration_seconds", "Wall time of the run", registry=reg).set(s["duration_s"])
+    return _outcome(reg, success)
+
+
+def failure_metrics_registry():
+    """What a run that failed before its summary exports: that it failed, and when."""
+    from prometheus_client import CollectorRegistry
+
+    return _outcome(CollectorRegistry(), success=False)
+
+
+def _outcome(reg: Any, success: bool) -> Any:
+    from prometheus_client import Gauge
+
     Gauge("cxr_screen_last_run_timestamp_seconds", "Unix time the run finished", registry=reg).set(time.time())
     Gauge("cxr_screen_success", "1 if the run completed (and passed --fail-on-error)", registry=reg).set(1 if success else 0)
     return reg

@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from cxr.errors import CxrError
+from cxr.errors import CxrError, first_line
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool = True,
@@ -32,7 +32,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts
-            raise CxrError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {_first_line(exc)}") from None
+            raise CxrError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {first_line(exc)}") from None
         return True
     _quiet_default_auth_notice()
     if os.environ.get("CXR_RAY_TEMP_DIR"):
@@ -49,8 +49,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
         except Exception as exc:  # noqa: BLE001
             ray.shutdown()
             if attempt == attempts:
-                raise CxrError(f"cannot start a local Ray instance ({attempts} tries): {_first_line(exc)}") from None
-            logging.getLogger("cxr").warning("Ray did not start (%s); retrying", _first_line(exc)[:120])
+                raise CxrError(f"cannot start a local Ray instance ({attempts} tries): {first_line(exc)}") from None
+            logging.getLogger("cxr").warning("Ray did not start (%s); retrying", first_line(exc)[:120])
             time.sleep(2.0)
     return False
 
@@ -84,8 +84,3 @@ def _quiet_default_auth_notice() -> None:
     log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if _drop_default_auth_notice not in log.filters:
         log.addFilter(_drop_default_auth_notice)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

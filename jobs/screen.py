@@ -230,13 +230,14 @@ def check_model(model_dir: str, engine: str) -> "ModelMetadata":
     if not any(p.is_file() and p.stat().st_size > 0 for p in needs):
         raise CxrError(f"{model_dir}: no usable {' or '.join(p.name for p in needs)}")
     if engine == "onnx" or (engine == "auto" and onnx.is_file()):
-        _check_onnx(onnx, meta.preprocess.image_size)
+        _check_onnx(onnx, meta)
     return meta
 
 
-def _check_onnx(path: Path, image_size: int) -> None:
-    """Parse the ONNX graph so a corrupt file, or one exported at another size than its metadata
-    says, fails here in one line, not in every actor."""
+def _check_onnx(path: Path, meta: "ModelMetadata") -> None:
+    """Parse the ONNX graph so a corrupt file, or one of other weights or another size than the metadata
+    says (an export interrupted between its files, a copy mixing two), fails here in one line, not in
+    every actor, and never scores rows under a model_id whose weights did not produce them."""
     if not path.is_file():
         return  # OnnxEngine rebuilds it from the weights
     try:
@@ -247,8 +248,13 @@ def _check_onnx(path: Path, image_size: int) -> None:
         graph = proto.graph
     except Exception as exc:  # noqa: BLE001
         raise CxrError(f"unreadable model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    tag = {p.key: p.value for p in proto.metadata_props}.get("model_id", "")  # '' before graphs were tagged
+    if tag and tag != meta.model_id:
+        raise CxrError(f"{path} was exported from other weights ({tag[:12]}) than metadata.json's model "
+                       f"{meta.model_id[:12]}: the export is stale or mixed up; export the model again")
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
     fixed = [d for d in dims[2:] if d > 0]  # N x C x H x W; a dynamic axis has no dim_value
+    image_size = meta.preprocess.image_size
     if any(d != image_size for d in fixed):
         raise CxrError(f"{path} takes {'x'.join(map(str, fixed))} px images but metadata.json says "
                        f"image_size {image_size}: the export is stale or mixed up; export the model again")
@@ -455,13 +461,12 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
                 writer.add(block)
                 stats.add(block, normal)
                 report()
-            writer.close()
         except CxrError:
-            writer.close()
             raise
         except Exception as exc:  # noqa: BLE001 - actor start-up failures surface here, wrapped by Ray
-            writer.close()  # keep what was scored: a rerun resumes from it
             raise CxrError(f"screening failed: {_root_message(exc)}") from None
+        finally:  # also on Ctrl-C: keep what was scored, a rerun resumes from it
+            writer.close()
     finally:
         if started:
             ray.shutdown()

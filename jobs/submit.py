@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
-from cxr.errors import CxrError
+from cxr.errors import CxrError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -221,17 +221,12 @@ def connect(address: str | None) -> JobSubmissionClient:
         try:
             return JobSubmissionClient(url, headers=headers)
         except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
-            raise CxrError(f"cannot use the Ray cluster at {url}: {_first_line(exc)}") from None
+            raise CxrError(f"cannot use the Ray cluster at {url}: {first_line(exc)}") from None
 
 
 def cluster_ray_version(client: JobSubmissionClient) -> str | None:
     """The Ray version the cluster reported when the client connected."""
     return getattr(client, "_server_ray_version", None)
-
-
-def _first_line(exc: BaseException | str) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -261,7 +256,7 @@ def submit(client: JobSubmissionClient, command: str, args: Sequence[str], *, im
             if "No available agent" in str(exc) and time.monotonic() < deadline:
                 time.sleep(1.0)
                 continue
-            raise CxrError(f"submitting {command} failed: {_first_line(exc)}") from None
+            raise CxrError(f"submitting {command} failed: {first_line(exc)}") from None
 
 
 def job_info(client: JobSubmissionClient, job_id: str) -> JobDetails:
@@ -271,9 +266,9 @@ def job_info(client: JobSubmissionClient, job_id: str) -> JobDetails:
     except RuntimeError as exc:
         if _is_missing(exc):
             raise CxrError(f"no job {job_id!r} on {client.get_address()} (`cxr jobs list` shows the jobs there)") from None
-        raise CxrError(f"cannot get job {job_id!r}: {_first_line(exc)}") from None
+        raise CxrError(f"cannot get job {job_id!r}: {first_line(exc)}") from None
     except ConnectionError as exc:
-        raise CxrError(f"lost the Ray cluster at {client.get_address()}: {_first_line(exc)}") from None
+        raise CxrError(f"lost the Ray cluster at {client.get_address()}: {first_line(exc)}") from None
 
 
 def list_jobs(client: JobSubmissionClient) -> list[JobDetails]:
@@ -281,7 +276,7 @@ def list_jobs(client: JobSubmissionClient) -> list[JobDetails]:
     try:
         jobs = client.list_jobs()
     except (ConnectionError, RuntimeError) as exc:
-        raise CxrError(f"cannot list jobs on {client.get_address()}: {_first_line(exc)}") from None
+        raise CxrError(f"cannot list jobs on {client.get_address()}: {first_line(exc)}") from None
     return sorted(jobs, key=lambda j: j.start_time or 0)
 
 
@@ -291,7 +286,7 @@ def logs(client: JobSubmissionClient, job_id: str) -> str:
     try:
         return client.get_job_logs(job_id)
     except RuntimeError as exc:
-        raise CxrError(f"cannot read the logs of {job_id!r}: {_first_line(exc)}") from None
+        raise CxrError(f"cannot read the logs of {job_id!r}: {first_line(exc)}") from None
 
 
 def wait(client: JobSubmissionClient, job_id: str, timeout_s: float = 60.0, poll_s: float = 0.5) -> JobDetails:
@@ -337,7 +332,7 @@ def stop(client: JobSubmissionClient, job_id: str, timeout_s: float = 60.0) -> J
     try:
         client.stop_job(job_id)
     except RuntimeError as exc:
-        raise CxrError(f"cannot stop {job_id!r}: {_first_line(exc)}") from None
+        raise CxrError(f"cannot stop {job_id!r}: {first_line(exc)}") from None
     return wait(client, job_id, timeout_s=timeout_s)
 
 

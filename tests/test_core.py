@@ -19,7 +19,7 @@ from cxr.errors import CxrError, ImageError
 from cxr.export import load_export, read_metadata, save_export, ModelMetadata
 from cxr.metrics import binary_metrics, decide, threshold_for_sensitivity
 from cxr.model import build_model
-from cxr.preprocess import decode_image, detect_format, preprocess
+from cxr.preprocess import decode_image, detect_format, image_size_of, preprocess
 from cxr.training import LoadedImages, XrayDataset, check_loaded, load_images, merge_epoch_stats
 
 CFG = PreprocessConfig(image_size=64)
@@ -148,6 +148,7 @@ def test_dicom_matches_source(sample_images: list[Path], make_dicom) -> None:
     bare = mono2[132:]  # no preamble and no 'DICM' (older PACS exports): still a DICOM, by content
     assert detect_format(bare) == "dicom"
     np.testing.assert_allclose(decode_image(bare), a8 / 255.0, atol=1e-6)
+    assert image_size_of(bare) == image_size_of(mono2) == (a8.shape[1], a8.shape[0])  # the row's width, height
 
 
 @pytest.mark.parametrize(
@@ -383,6 +384,26 @@ def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
         load_engine(tmp_path / "m", "tensorrt")
 
 
+def test_an_onnx_graph_of_other_weights_is_never_run_under_this_model_id(tmp_path: Path) -> None:
+    """An export interrupted between its files (or a copy mixing two) left an old model.onnx beside new
+    weights: the engine rebuilds it from the weights, and `cxr screen` refuses it in one line."""
+    from cxr.engine import OnnxEngine, load_engine, onnx_model_id
+    from jobs.screen import check_model
+
+    torch.manual_seed(0)
+    meta_a = save_export(tmp_path / "a", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
+    save_export(tmp_path / "b", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
+    assert onnx_model_id(OnnxEngine(tmp_path / "a").session) == meta_a.model_id
+    (tmp_path / "b" / "model.onnx").write_bytes((tmp_path / "a" / "model.onnx").read_bytes())  # a's graph, b's weights
+    with pytest.raises(CxrError, match="exported from other weights"):
+        check_model(str(tmp_path / "b"), "onnx")
+    x = np.random.default_rng(0).standard_normal((2, 1, CFG.image_size, CFG.image_size), dtype=np.float32)
+    engine = OnnxEngine(tmp_path / "b")
+    np.testing.assert_allclose(engine.predict_proba(x), load_engine(tmp_path / "b", "torch").predict_proba(x), atol=1e-4)
+    assert onnx_model_id(engine.session) == engine.meta.model_id != meta_a.model_id
+    check_model(str(tmp_path / "b"), "onnx")  # rebuilt: accepted
+
+
 def test_onnx_on_a_gpu_machine_without_onnxruntime_gpu_says_it_runs_on_the_cpu(tmp_path: Path, caplog) -> None:
     """The plain onnxruntime wheel on a GPU node (as on the lent H200) falls back to the CPU: it must say so."""
     import onnxruntime
@@ -537,5 +558,9 @@ def test_threshold_for_sensitivity_and_decision() -> None:
         assert not np.isclose(score, thr, rtol=0, atol=1e-12).any()
         gap_lo, gap_hi = score[score < thr].max(), score[score > thr].min()
         assert thr == pytest.approx((gap_lo + gap_hi) / 2) and gap_hi == nxt[0]
+    assert binary_metrics(y, score, threshold_for_sensitivity(y, score, 1.0))["sensitivity"] == 1.0
+    for bad in (98, 1.5, 0.0):  # a percentage, a typo: once a silently wrong threshold or an IndexError
+        with pytest.raises(ValueError, match="target sensitivity"):
+            threshold_for_sensitivity(y, score, bad)
     probs = np.array([[0.9, 0.06, 0.04], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     assert decide(probs, CLASSES["subtype"], threshold=0.35) == ["normal", "virus", "bacteria"]

@@ -159,6 +159,18 @@ def test_missing_data_dir_fails_before_ray(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "error: data not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flag,value", [("--target-sensitivity", "98"), ("--val-fraction", "1.5"), ("--lr", "0"),
+                                        ("--epochs", "0")])
+def test_out_of_range_training_flags_are_refused_before_ray(tmp_path: Path, flag: str, value: str) -> None:
+    """--target-sensitivity 98 (a percentage) used to fail in every worker after an epoch, with an IndexError."""
+    from click.testing import CliRunner
+
+    from cxr.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path), flag, value])
+    assert res.exit_code == 2 and f"Invalid value for '{flag}'" in res.output, res.output
+
+
 def _manifest_data(root: Path, data_dir: Path, per_class: int = 10) -> Path:
     """A CSV manifest as Excel writes it (UTF-8 with a byte-order mark) over copies of real X-rays."""
     root.mkdir()

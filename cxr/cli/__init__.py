@@ -12,7 +12,7 @@ import sys
 import click
 
 from cxr import __version__
-from cxr.errors import CxrError
+from cxr.errors import CxrError, first_line
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -38,8 +38,7 @@ def _os_message(exc: OSError) -> str:
     """'Permission denied: out/results' rather than a traceback; the path is what the user must fix."""
     if exc.strerror and exc.filename:
         return f"{exc.strerror}: {exc.filename}"
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return first_line(exc)
 
 
 @click.group(cls=_Main, context_settings=CONTEXT)

@@ -59,16 +59,18 @@ def submit_cmd(command: str, args: tuple[str, ...], address: str | None, follow:
     """Submit `cxr COMMAND ARGS...` as a job to the Ray cluster at RAY_ADDRESS.
 
     The job runs this checkout (shipped as the runtime_env working_dir) with the same flags a local run
-    takes. Paths in ARGS (--data, --model, --output, ARCHIVE) are read and written ON THE CLUSTER: use
-    shared storage (s3://..., an NFS mount, a PVC). The job id is printed on stdout.
+    takes. Paths in ARGS are read and written ON THE CLUSTER, by every node: train's --data and
+    --output and screen's --model need a filesystem mounted at the same path on every node (NFS, a PVC:
+    /mnt/cxr below); screen's ARCHIVE and --output and train's --storage may also be URIs (s3://...).
+    The job id is printed on stdout.
 
     Options of `cxr submit` itself may come anywhere; put `--` before ARGS if one of them shares a name.
 
     \b
     Examples:
       export RAY_ADDRESS=http://ray-head:8265
-      cxr submit train --data s3://bucket/chest_xray --output s3://bucket/runs/r1 --workers 4 --gpus 1 --follow
-      cxr submit screen s3://bucket/archive --model s3://bucket/runs/r1/model --output s3://bucket/screens/ --follow
+      cxr submit train --data /mnt/cxr/chest_xray --output /mnt/cxr/runs/r1 --workers 4 --gpus 1 --follow
+      cxr submit screen s3://bucket/archive --model /mnt/cxr/runs/r1/model --output s3://bucket/screens/ --follow
       cxr submit --image-has-cxr train -- --preset gpu --data /mnt/data --output /mnt/runs/r2
     """
     from jobs import submit as js

@@ -121,7 +121,7 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     summary: dict | None = None
     try:
         summary = run_screen(cfg, on_progress=progress)
-    except Exception:  # a CxrError or a bug: either way Prometheus must see the nightly run fail
+    except BaseException:  # a CxrError, a bug, Ctrl-C: either way Prometheus must see the nightly run fail
         if cfg.metrics_file or cfg.pushgateway:
             _emit_failure_metrics(cfg)
         raise
@@ -152,13 +152,9 @@ def _save_config(cfg: ScreenConfig) -> None:
 
 def _emit_failure_metrics(cfg: ScreenConfig) -> None:
     """A failed run still tells Prometheus it failed (cxr_screen_success 0)."""
-    from prometheus_client import CollectorRegistry, Gauge
-
     from cxr import screening as S
 
-    reg = CollectorRegistry()
-    Gauge("cxr_screen_success", "1 if the run completed (and passed --fail-on-error)", registry=reg).set(0)
-    Gauge("cxr_screen_last_run_timestamp_seconds", "Unix time the run finished", registry=reg).set(time.time())
+    reg = S.failure_metrics_registry()
     try:
         if cfg.metrics_file:
             S.write_metrics_file(reg, cfg.metrics_file)

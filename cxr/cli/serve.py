@@ -145,6 +145,10 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
         click.echo("stopping: draining in-flight requests ...", err=True)
     finally:
         if started is not None:
+            # a second Ctrl-C/SIGTERM (impatient user, a supervisor repeating itself) must not cut the
+            # drain short and skip ray.shutdown: the watchdog below bounds the wait instead
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             # Ray's own shutdown can block (seen after other Ray sessions on the machine): never hang on
             # Ctrl-C. A hard exit still stops everything we started: Ray's processes die with their parent.
             watchdog = threading.Timer(cfg.graceful_shutdown_timeout_s + 45.0, _forced_exit)

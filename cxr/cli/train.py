@@ -18,18 +18,18 @@ from cxr.config import TRAIN_PRESETS
 @click.option("--preset", type=click.Choice(sorted(TRAIN_PRESETS)), default="cpu", show_default=True,
               help="Recipe: cpu = from scratch on a small CPU machine in < 45 min; gpu = ImageNet fine-tune at "
                    "224 on a GPU cluster; tiny = smoke run (1 epoch, 64 px, at most 256 images). Flags below override it.")
-@click.option("--workers", type=int, help="DDP workers (Ray Train actors).  [cpu preset: 2]")
-@click.option("--gpus", type=int, help="GPUs per worker: 0 (CPU workers over gloo) or 1 (NCCL); "
+@click.option("--workers", type=click.IntRange(min=1), help="DDP workers (Ray Train actors).  [cpu preset: 2]")
+@click.option("--gpus", type=click.IntRange(min=0), help="GPUs per worker: 0 (CPU workers over gloo) or 1 (NCCL); "
               "--workers N for N GPUs.")
-@click.option("--cpus-per-worker", type=int, help="CPUs reserved per worker (also its torch threads).")
-@click.option("--epochs", type=int, help="Total epochs, warm-up included.")
-@click.option("--warmup-epochs", type=int, help="Frozen-backbone epochs before fine-tuning. Pretrained runs only "
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), help="CPUs reserved per worker (also its torch threads).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Total epochs, warm-up included.")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), help="Frozen-backbone epochs before fine-tuning. Pretrained runs only "
               "(ignored with --pretrained none); must be less than --epochs.")
-@click.option("--limit", type=int, help="Use at most N images (class-stratified, seeded): for smoke runs. "
+@click.option("--limit", type=click.IntRange(min=0), help="Use at most N images (class-stratified, seeded): for smoke runs. "
               "0 = all.  [tiny preset: 256]")
-@click.option("--image-size", type=int, help="Square input side in pixels.")
-@click.option("--batch-size", type=int, help="Batch size per worker.")
-@click.option("--lr", type=float, help="Peak learning rate (AdamW).")
+@click.option("--image-size", type=click.IntRange(min=32), help="Square input side in pixels.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size per worker.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (AdamW).")
 @click.option("--task", type=click.Choice(["binary", "subtype"]),
               help="binary = NORMAL/PNEUMONIA (default); subtype = normal/bacteria/virus from file names.")
 @click.option("--pretrained", metavar="imagenet|none|PATH",
@@ -43,14 +43,14 @@ from cxr.config import TRAIN_PRESETS
                    "(config.json, split.json); other flags may only change --cpus-per-worker, "
                    "--target-sensitivity and --early-stop-patience.")
 @click.option("--seed", type=int, help="Seed for the split, sampling and init.  [42]")
-@click.option("--val-fraction", type=float, help="Share of patients held out for validation, approximately: "
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Share of patients held out for validation, approximately: "
               "one fold of k, the nearest 1/k (0.15 -> 1/7).  [0.15]")
-@click.option("--target-sensitivity", type=float,
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True),
               help="Operating point: the threshold is set on validation for this sensitivity.  [0.98]")
-@click.option("--early-stop-patience", type=int, help="Stop after N epochs without val AUC gain (0 = off).")
+@click.option("--early-stop-patience", type=click.IntRange(min=0), help="Stop after N epochs without val AUC gain (0 = off).")
 @click.option("--clahe/--no-clahe", default=None, help="Contrast-limited adaptive histogram equalisation.")
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (GPU; CPU only where it has native bf16).")
-@click.option("--ema-decay", type=float, help="EMA of weights used for validation and export (0 = off).")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), help="EMA of weights used for validation and export (0 = off).")
 def train(**flags) -> None:
     """Train a pneumonia classifier with Ray Train (DDP) and export it.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-SAMPLES = Path(__file__).parent / "assets" / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "cxr" / "assets" / "samples"
 
 
 def _run(args: list[str]) -> None:
@@ -30,11 +30,12 @@ def _run(args: list[str]) -> None:
 def demo(output: str = "demo-out") -> None:
     from jobs.common import init_ray
 
-    out = Path(output)
-    if (out / "run").exists():
-        import shutil
+    import shutil
 
-        shutil.rmtree(out)  # the demo always starts fresh
+    out = Path(output)
+    for old in (out / "run", out / "screen"):  # the demo always starts fresh, and removes nothing else
+        if old.is_dir():
+            shutil.rmtree(old)
     started = init_ray(num_cpus=2)
     try:
         _run(["train", "--data", str(SAMPLES), "--output", str(out / "run"), "--preset", "tiny",
