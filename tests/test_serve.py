@@ -171,16 +171,13 @@ def test_cxr_serve_command_starts_answers_and_drains_on_sigterm(tiny_model: Path
         [str(Path(sys.executable).with_name("cxr")), "serve", "--model", str(tiny_model), "--port", str(port), "--metrics-port", str(mport),
          "--num-cpus", "2", "--max-replicas", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
+    lines: list[str] = []  # read by a thread: the deadline holds, and the server never blocks on a full pipe
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not any("Ctrl-C to stop" in ln for ln in lines):
+            time.sleep(0.5)
         text = "".join(lines)
         assert f"http://127.0.0.1:{port}/v1/predict" in text and f"http://127.0.0.1:{port}/docs" in text, text
         assert f"http://127.0.0.1:{mport}/metrics" in text, text
@@ -201,6 +198,7 @@ def test_cxr_serve_command_starts_answers_and_drains_on_sigterm(tiny_model: Path
         big = io.BytesIO()  # ~36 Mpx: a second or so to decode, so the requests are in flight at the signal
         Image.linear_gradient("L").resize((6000, 6000)).save(big, format="PNG")
         answers: list[object] = []
+        answered_at: list[float] = []
 
         def post() -> None:
             try:
@@ -208,17 +206,22 @@ def test_cxr_serve_command_starts_answers_and_drains_on_sigterm(tiny_model: Path
                                           headers={"Content-Type": "image/png"}, timeout=60).status_code)
             except httpx.HTTPError as exc:  # a connection dropped mid-request: what a drain must prevent
                 answers.append(type(exc).__name__)
+            answered_at.append(time.monotonic())
 
         clients = [threading.Thread(target=post) for _ in range(3)]
         for t in clients:
             t.start()
         time.sleep(0.5)
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in clients:
             t.join(90)
-        rest, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(10)
+        rest = "".join(lines)
         assert answers == [200, 200, 200], (answers, rest[-3000:])
-        assert proc.returncode == 0, text + rest
+        assert max(answered_at) > signalled, "no request was in flight at the signal: the drain went untested"
+        assert proc.returncode == 0, rest
         assert "draining" in rest and "stopped." in rest
         assert port_free("127.0.0.1", port) and port_free("127.0.0.1", mport)
     finally:

@@ -112,6 +112,9 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     assert 1 <= resumed_after < 3
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]  # no epoch repeated or lost
+    # the LR schedule went on where it stopped: its last step is the cosine's end (lr x 1e-3); a schedule
+    # restarted at the resume would still be above it (optimizer/scheduler state restored, not rebuilt)
+    assert history[-1]["lr"] == pytest.approx(json.loads(config)["lr"] * 1e-3, rel=1e-6), history
     assert (out / "curves.png").stat().st_size > 0
     assert (out / "config.json").read_text() == config and (out / "split.json").read_text() == split
 
@@ -119,6 +122,7 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     model, meta = load_export(out / "model")
     assert meta.classes == ["normal", "pneumonia"] and meta.preprocess.image_size == 32
     assert 0.0 <= meta.threshold <= 1.0 and meta.target_sensitivity == 0.98
+    assert meta.val_metrics["sensitivity"] >= 0.98 and meta.val_metrics["threshold"] == meta.threshold
     assert meta.val_metrics["n_val"] > 0 and meta.data_fingerprint
     x = np.stack([preprocess(p.read_bytes(), meta.preprocess) for p in sample_images])
     torch_p = load_engine(out / "model", "torch").predict_proba(x)
