@@ -26,6 +26,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -238,6 +239,10 @@ class CxrModel:
         from cxr.engine import load_engine
 
         self.cfg = from_dict(ServeConfig, config)
+        # the app's own 503s (timeout, out_of_memory, internal_error) advise the wait the proxy's do
+        # (HTTP wants whole seconds)
+        self._retry_after = ({"Retry-After": str(math.ceil(self.cfg.retry_after_s))} if self.cfg.retry_after_s
+                             else {})
         model_dir = self.cfg.model or os.environ.get("CXR_MODEL", "")
         if not model_dir:
             raise CxrError("no model: set args.model in the Serve config (cxr serve --model) or $CXR_MODEL")
@@ -431,10 +436,10 @@ class CxrModel:
         except ImageError as exc:
             status, code = IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code
             if status == 503:
-                headers = {"Retry-After": "1"}
+                headers = self._retry_after
             payload = {"code": exc.code, "message": str(exc), "request_id": rid}
         except TimeoutError:
-            status, code, headers = 503, "timeout", {"Retry-After": "1"}
+            status, code, headers = 503, "timeout", self._retry_after
             payload = {"code": code, "message": f"not answered within {self.cfg.request_timeout_s:g} s",
                        "request_id": rid}
         except asyncio.CancelledError:  # client went away: log it, let Serve finish the cancellation
@@ -442,7 +447,7 @@ class CxrModel:
             raise
         except Exception as exc:  # noqa: BLE001 - never a 500: answer, log, keep serving
             log.exception("request %s failed", rid)
-            status, code, headers = 503, "internal_error", {"Retry-After": "1"}
+            status, code, headers = 503, "internal_error", self._retry_after
             payload = {"code": code, "message": f"{type(exc).__name__}: {exc}"[:300], "request_id": rid}
         latency_ms = self._record(route, request, rid, status, code, t0, n_images)
         if status == 200 and "latency_ms" in payload:

@@ -69,7 +69,7 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
 #: ServeConfig fields the replica itself reads in ``CxrModel.__init__`` (``cpus_per_replica``: the
 #: engine's threads when ``engine_threads`` is 0); the Serve knobs live in ``deployments[0]``
 APP_ARG_KEYS = ("model", "engine", "engine_threads", "cpus_per_replica", "preprocess_threads", "max_batch_images",
-                "max_body_mb", "request_timeout_s")
+                "max_body_mb", "request_timeout_s", "retry_after_s")
 
 
 def app_args(cfg: ServeConfig) -> dict[str, Any]:
