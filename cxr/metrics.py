@@ -72,3 +72,12 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5
     auc = float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else float("nan")
     return {"auc": auc, "accuracy": (tp + tn) / max(1, y.size), "sensitivity": sens, "specificity": spec,
             "precision": prec, "f1": f1, "threshold": float(threshold), "tp": tp, "tn": tn, "fp": fp, "fn": fn}
+
+
+def operating_point(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str],
+                    target_sensitivity: float) -> dict[str, float]:
+    """The export's rule, in one place: the threshold on :func:`pneumonia_score` that keeps sensitivity
+    >= ``target_sensitivity`` on (probs, class-index targets), and :func:`binary_metrics` there."""
+    y = (np.asarray(targets) != list(classes).index("normal")).astype(int)
+    score = pneumonia_score(probs, classes)
+    return binary_metrics(y, score, threshold_for_sensitivity(y, score, target_sensitivity))

@@ -15,7 +15,8 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = [
-        ("loss", [("loss", "train"), ("val_loss", "val")]),
+        # not the same quantity: training's loss is class-weighted and label-smoothed, validation's plain NLL
+        ("loss", [("loss", "train (weighted, smoothed)"), ("val_loss", "val (plain NLL)")]),
         ("accuracy", [("train_accuracy", "train"), ("val_accuracy", "val @0.5")]),
         ("val AUC / sens / spec", [("val_auc", "AUC"), ("val_sensitivity", "sensitivity @0.5"),
                                    ("val_specificity", "specificity @0.5")]),

@@ -539,7 +539,7 @@ def _write_plots(metrics: dict[str, Any], data: dict[str, Any], out: Path) -> di
                     label=f"{name} (n={int(mask.sum())})")
             ax.hist(score[mask], bins=bins, histtype="step", color=colour, lw=1.2)
     ax.axvline(thr, color="#222", ls="--", lw=1, label=f"threshold {thr:g}")
-    ax.set(xlabel="pneumonia score (1 − p(normal))", ylabel="rows", xlim=(0, 1), title="Score distribution by true class")
+    ax.set(xlabel="pneumonia score (p(not normal))", ylabel="rows", xlim=(0, 1), title="Score distribution by true class")
     ax.legend(fontsize=8)
     save(fig, "score_hist")
 
@@ -624,7 +624,7 @@ def _render_html(m: dict[str, Any], plots: dict[str, Path]) -> str:
              f"<h1>{html.escape(title)}</h1>",
              f"<p class='sub'>model version <code>{_fmt(model['model_version'])}</code> · classes "
              f"{html.escape(', '.join(model['classes']))} · decision threshold <b>{model['threshold']:g}</b> on the pneumonia "
-             f"score (1 − p(normal)) · scored {_fmt(model['scored_from'])} → {_fmt(model['scored_to'])} · "
+             f"score (p(not normal)) · scored {_fmt(model['scored_from'])} → {_fmt(model['scored_to'])} · "
              f"report {html.escape(m['generated_at'])} (cxr {html.escape(m['cxr_version'])})</p>"]
     cards = [("rows", counts["rows"]), ("scored", counts["scored"]), ("errors", counts["errors"]),
              ("labelled (in metrics)", counts["labelled"]), ("unlabelled", counts["unlabelled"])]

@@ -293,4 +293,4 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))  # for processes started from here on (spawned loaders)

@@ -32,7 +32,7 @@ from cxr.config import (
 from cxr.data import Sample, discover, fingerprint, split_by_patient, val_folds
 from cxr.errors import CxrError
 from cxr.export import ModelMetadata, save_export
-from cxr.metrics import binary_metrics, pneumonia_score, threshold_for_sensitivity
+from cxr.metrics import binary_metrics, operating_point, pneumonia_score
 from cxr.hardware import cpu_has_fast_bf16
 from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
@@ -60,12 +60,10 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def _val_metrics(probs: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], target_sens: float) -> dict[str, float]:
-    normal = classes.index("normal")
-    y = (targets != normal).astype(int)
-    score = pneumonia_score(probs, classes)
-    at_half = binary_metrics(y, score, 0.5)
-    thr = threshold_for_sensitivity(y, score, target_sens)
-    at_target = binary_metrics(y, score, thr)
+    y = (targets != classes.index("normal")).astype(int)
+    at_half = binary_metrics(y, pneumonia_score(probs, classes), 0.5)
+    at_target = operating_point(probs, targets, classes, target_sens)
+    thr = at_target["threshold"]
     nll = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-7, 1.0)).mean())
     return {
         "val_loss": nll, "val_auc": at_half["auc"], "val_accuracy": at_half["accuracy"],
@@ -462,17 +460,15 @@ def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], v
         ema.load_state_dict(best["ema"])
         model = ema.module
     classes = cfg.classes
-    y = (best["val_targets"] != classes.index("normal")).astype(int)
-    score = pneumonia_score(best["val_probs"], classes)
-    threshold = threshold_for_sensitivity(y, score, cfg.target_sensitivity)
-    val_at_thr = binary_metrics(y, score, threshold)
+    val_at_thr = operating_point(best["val_probs"], best["val_targets"], classes, cfg.target_sensitivity)
+    threshold = val_at_thr["threshold"]
     epoch_metrics = next(h for h in history if h["epoch"] == best["epoch"]) if history else {}
     meta = save_export(output / "model", model.eval(), ModelMetadata(
         classes=list(classes), task=cfg.task, preprocess=cfg.preprocess, threshold=threshold,
         target_sensitivity=cfg.target_sensitivity, model_version=f"{output.name}-epoch{best['epoch']}",
         data_fingerprint=fingerprint(train + val),
         val_metrics={**val_at_thr, "auc_epoch": epoch_metrics.get("val_auc"), "epoch": best["epoch"],
-                     "n_val": int(len(y))},
+                     "n_val": int(len(best["val_targets"]))},
         train_config=to_dict(cfg),
     ))
     with open(output / "metrics.jsonl", "w") as f:

@@ -25,8 +25,8 @@ from cxr.config import TRAIN_PRESETS
 @click.option("--epochs", type=click.IntRange(min=1), help="Total epochs, warm-up included.")
 @click.option("--warmup-epochs", type=click.IntRange(min=0), help="Frozen-backbone epochs before fine-tuning. Pretrained runs only "
               "(ignored with --pretrained none); must be less than --epochs.")
-@click.option("--limit", type=click.IntRange(min=0), help="Use at most N images (class-stratified, seeded): for smoke runs. "
-              "0 = all.  [tiny preset: 256]")
+@click.option("--limit", type=click.IntRange(min=0), help="Use about N images (class-stratified, seeded; at least 2 of each class so a "
+              "patient split has both): for smoke runs. 0 = all.  [tiny preset: 256]")
 @click.option("--image-size", type=click.IntRange(min=32), help="Square input side in pixels.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size per worker.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (AdamW).")
