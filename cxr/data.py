@@ -75,16 +75,26 @@ def find_manifest(root: Path) -> Path | None:
 
 
 def read_manifest_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV or Parquet manifest as dicts of strings."""
+    """Rows of a CSV or Parquet manifest (training's --data, screening's --labels) as dicts of strings,
+    with at least the columns path and label."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in pq.read_table(path).to_pylist()]
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
-            return list(csv.DictReader(f))
+            rows = [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in pq.read_table(path).to_pylist()]
+        else:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark
+                rows = list(csv.DictReader(f))
     except Exception as exc:  # noqa: BLE001
         raise CxrError(f"cannot read manifest {path}: {exc}") from None
+    if rows and not {"path", "label"} <= set(rows[0]):
+        raise CxrError(f"manifest {path} needs columns path,label (has {sorted(rows[0])})")
+    return rows
+
+
+def manifest_entry_path(manifest: Path, path: str) -> str:
+    """A manifest row's file: relative paths are relative to the manifest's folder; URIs stay as they are."""
+    return path if "://" in path else str((manifest.parent / path).resolve())
 
 
 def discover(data: str | Path, split: str = "train") -> list[Sample]:
@@ -108,18 +118,14 @@ def discover(data: str | Path, split: str = "train") -> list[Sample]:
 
 
 def _from_manifest(manifest: Path, split: str) -> list[Sample]:
-    rows = read_manifest_rows(manifest)
-    if rows and not {"path", "label"} <= set(rows[0]):
-        raise CxrError(f"manifest {manifest} needs columns path,label (has {sorted(rows[0])})")
-    base = manifest.parent
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(read_manifest_rows(manifest)):
         if row.get("split") and row["split"] != split:
             continue
-        label = normalise_label(row["label"], f"{manifest}:{i + 2}")
+        label = normalise_label(row["label"], f"{manifest}:{i + 2}")  # training needs every label
         name = Path(row["path"]).name
         out.append(Sample(
-            path=str((base / row["path"]).resolve()),
+            path=manifest_entry_path(manifest, row["path"]),
             label=label,
             subtype=(row.get("subtype") or subtype_from_name(name, label)).lower(),
             patient_id=row.get("patient_id") or patient_id_from_name(name),

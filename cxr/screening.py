@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cxr.data import IMAGE_SUFFIXES, label_from_path, normalise_label, read_manifest_rows
+from cxr.data import IMAGE_SUFFIXES, label_from_path, manifest_entry_path, normalise_label, read_manifest_rows
 from cxr.errors import CxrError
 
 #: 1: the columns of the issue; 2: ``mtime_ns`` (parts of either version read together; missing = null)
@@ -709,8 +709,6 @@ def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneum
     if not path.is_file():
         raise CxrError(f"labels manifest not found: {manifest}")
     rows = read_manifest_rows(path)
-    if rows and not {"path", "label"} <= set(rows[0]):
-        raise CxrError(f"labels manifest {manifest} needs columns path,label (has {sorted(rows[0])})")
     subtype_model = "bacteria" in classes or "virus" in classes
     for i, row in enumerate(rows):
         if not (row["label"] or "").strip():  # a blank cell: this file's truth is not known (yet)
@@ -719,9 +717,7 @@ def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneum
         subtype = (row.get("subtype") or "").strip().lower()
         if subtype_model and subtype in classes:  # "unknown" or a misspelling keeps the binary label
             label = subtype
-        p = row["path"]
-        full = p if "://" in p else str((path.parent / p).resolve())
-        index.by_path[full] = label
+        index.by_path[manifest_entry_path(path, row["path"])] = label
         if row.get("sha256"):
             index.by_sha[row["sha256"].strip().lower()] = label
     return index
