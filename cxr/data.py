@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,3 +194,58 @@ def fingerprint(samples: list[Sample]) -> str:
     for s in sorted(samples, key=lambda s: s.path):
         h.update(f"{Path(s.path).parent.name}/{Path(s.path).name}\t{s.label}\t{s.subtype}\t{s.patient_id}\n".encode())
     return h.hexdigest()
+
+
+def stratified_subset(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """A seeded, class-stratified subset of about ``limit`` samples (``--limit``: smoke runs and tests);
+    at least 2 per class, so a patient split can still hold both classes on each side."""
+    if not limit or limit >= len(samples):
+        return samples
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_label.setdefault(s.label, []).append(s)
+    out: list[Sample] = []
+    for group in by_label.values():
+        k = max(2, round(limit * len(group) / len(samples)))
+        out += [group[i] for i in rng.permutation(len(group))[:k]]
+    return sorted(out, key=lambda s: s.path)
+
+
+def write_split(path: Path, seed: int, val_fraction: float, train: list[Sample], val: list[Sample]) -> None:
+    """Record the patient split so a run can be audited and reproduced."""
+    def counts(ss: list[Sample]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in ss:
+            out[s.label] = out.get(s.label, 0) + 1
+        return out
+
+    path.write_text(json.dumps({
+        "seed": seed, "val_fraction": val_fraction, "val_share": round(len(val) / len(train + val), 4),
+        "grouped_by": "patient_id",
+        "train": {"images": len(train), "patients": len({s.patient_id for s in train}), "by_label": counts(train)},
+        "val": {"images": len(val), "patients": len({s.patient_id for s in val}), "by_label": counts(val),
+                "patient_ids": sorted({s.patient_id for s in val}), "paths": [s.path for s in val]},
+        "fingerprint": fingerprint(train + val),
+    }, indent=2) + "\n")
+
+
+def saved_split(path: Path, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) of a run's split.json over today's ``samples``, or an error if the data changed under it."""
+    saved = json.loads(path.read_text())
+    known = {s.path for s in samples}
+    if "paths" in saved["val"]:
+        val_paths = set(saved["val"]["paths"])
+    else:  # split.json of an older cxr: the validation patients
+        ids = set(saved["val"]["patient_ids"])
+        val_paths = {s.path for s in samples if s.patient_id in ids}
+    gone = sorted(p for p in val_paths if p not in known or not Path(p).exists())
+    if gone:
+        raise CxrError(f"cannot --resume: {len(gone)} of the run's {len(val_paths)} validation images are not in "
+                       f"--data any more (e.g. {gone[0]}); start a new run with another --output")
+    if fingerprint(samples) != saved.get("fingerprint") or len(val_paths) != saved["val"]["images"]:
+        raise CxrError(f"cannot --resume: the images in --data are not the ones of the run's split ({path}); "
+                       "start a new run with another --output")
+    return [s for s in samples if s.path not in val_paths], [s for s in samples if s.path in val_paths]

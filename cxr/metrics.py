@@ -81,3 +81,23 @@ def operating_point(probs: np.ndarray, targets: np.ndarray, classes: Sequence[st
     y = (np.asarray(targets) != list(classes).index("normal")).astype(int)
     score = pneumonia_score(probs, classes)
     return binary_metrics(y, score, threshold_for_sensitivity(y, score, target_sensitivity))
+
+
+def validation_metrics(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str],
+                       target_sens: float) -> dict[str, float]:
+    """An epoch's validation figures (metrics.jsonl, the epoch line): AUC and the 0.5 cut-off's
+    accuracy/sensitivity/specificity, the operating point at ``target_sens``, and the plain NLL."""
+    classes = list(classes)
+    targets = np.asarray(targets)
+    y = (targets != classes.index("normal")).astype(int)
+    at_half = binary_metrics(y, pneumonia_score(probs, classes), 0.5)
+    at_target = operating_point(probs, targets, classes, target_sens)
+    thr = at_target["threshold"]
+    nll = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-7, 1.0)).mean())
+    return {
+        "val_loss": nll, "val_auc": at_half["auc"], "val_accuracy": at_half["accuracy"],
+        "val_sensitivity": at_half["sensitivity"], "val_specificity": at_half["specificity"],
+        "val_threshold": thr, "val_accuracy_at_threshold": at_target["accuracy"],
+        "val_sensitivity_at_threshold": at_target["sensitivity"],
+        "val_specificity_at_threshold": at_target["specificity"],
+    }

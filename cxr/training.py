@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -294,3 +294,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))  # for processes started from here on (spawned loaders)
+
+
+def checkpoint_rank(state: dict[str, Any]) -> tuple[float, int]:
+    """(val AUC, epoch) of a checkpoint state; the export takes the highest.
+
+    An AUC that is missing or NaN (a validation split holding one class) counts as -1, below every
+    real AUC: NaN compares false both ways and would otherwise rank no checkpoint at all.
+    """
+    epoch = state["epoch"]
+    auc = next((h["val_auc"] for h in state["history"] if h["epoch"] == epoch), math.nan)
+    return (-1.0 if math.isnan(auc) else float(auc), epoch)

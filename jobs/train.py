@@ -29,17 +29,19 @@ from torch.optim.swa_utils import AveragedModel
 from cxr.config import (
     TrainConfig, check_train_config, describe_run, from_dict, resume_config, save_json, to_dict,
 )
-from cxr.data import Sample, discover, fingerprint, split_by_patient, val_folds
+from cxr.data import (
+    Sample, discover, fingerprint, saved_split, split_by_patient, stratified_subset, val_folds, write_split,
+)
 from cxr.errors import CxrError
 from cxr.export import ModelMetadata, save_export
-from cxr.metrics import binary_metrics, operating_point, pneumonia_score
+from cxr.metrics import operating_point, validation_metrics
 from cxr.hardware import cpu_has_fast_bf16
 from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
 from cxr.screening import child_uri, open_fs
 from cxr.training import (
     DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
-    class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
+    checkpoint_rank, class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
 )
 from jobs.common import cluster_address, init_ray
 
@@ -59,19 +61,6 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _val_metrics(probs: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], target_sens: float) -> dict[str, float]:
-    y = (targets != classes.index("normal")).astype(int)
-    at_half = binary_metrics(y, pneumonia_score(probs, classes), 0.5)
-    at_target = operating_point(probs, targets, classes, target_sens)
-    thr = at_target["threshold"]
-    nll = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-7, 1.0)).mean())
-    return {
-        "val_loss": nll, "val_auc": at_half["auc"], "val_accuracy": at_half["accuracy"],
-        "val_sensitivity": at_half["sensitivity"], "val_specificity": at_half["specificity"],
-        "val_threshold": thr, "val_accuracy_at_threshold": at_target["accuracy"],
-        "val_sensitivity_at_threshold": at_target["sensitivity"],
-        "val_specificity_at_threshold": at_target["specificity"],
-    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -157,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         all_targets = np.concatenate([t for _, t, _ in parts])
         train_stats = merge_epoch_stats([st for _, _, st in parts])  # every rank's images, not rank 0's
         metrics = {"epoch": epoch + 1, **{k: train_stats[k] for k in ("loss", "train_accuracy")},
-                   **_val_metrics(all_probs, all_targets, classes, cfg.target_sensitivity),
+                   **validation_metrics(all_probs, all_targets, classes, cfg.target_sensitivity),
                    "images_per_s": train_stats["images_per_s"], "lr": scheduler.get_last_lr()[-1],
                    "epoch_seconds": time.time() - t0, "skipped_images": skipped}
         history.append(metrics)
@@ -223,19 +212,6 @@ def _append_jsonl(path: Path | None, row: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- driver side
 
 
-def _limit(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
-    """A seeded, class-stratified subset of ``limit`` samples (smoke runs and tests)."""
-    if not limit or limit >= len(samples):
-        return samples
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_label.setdefault(s.label, []).append(s)
-    out: list[Sample] = []
-    for group in by_label.values():
-        k = max(2, round(limit * len(group) / len(samples)))
-        out += [group[i] for i in rng.permutation(len(group))[:k]]
-    return sorted(out, key=lambda s: s.path)
 
 
 def _check_resources(cfg: TrainConfig) -> None:
@@ -303,7 +279,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
                        "--storage, which takes s3:// and other pyarrow URIs")
     output = Path(cfg.output).expanduser().resolve()
     cfg = _resumed_config(cfg, output, explicit) if cfg.resume else check_train_config(cfg)
-    samples = _limit(discover(cfg.data, "train"), cfg.limit, cfg.seed)
+    samples = stratified_subset(discover(cfg.data, "train"), cfg.limit, cfg.seed)
     for s in samples:
         s.target(cfg.task)  # unknown labels fail here, before any worker starts
     storage = _storage(cfg, output)
@@ -332,7 +308,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     output.mkdir(parents=True, exist_ok=True)
     save_json(dataclasses.replace(cfg, resume=False), output / "config.json")  # the run's config, not this call's
     if not reuse_split:
-        _write_split(split_file, cfg, train, val)
+        write_split(split_file, cfg.seed, cfg.val_fraction, train, val)
     if not cfg.resume:
         (output / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -389,23 +365,6 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfi
     return cfg
 
 
-def saved_split(path: Path, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
-    """(train, val) of a run's split.json over today's ``samples``, or an error if the data changed under it."""
-    saved = json.loads(path.read_text())
-    known = {s.path for s in samples}
-    if "paths" in saved["val"]:
-        val_paths = set(saved["val"]["paths"])
-    else:  # split.json of an older cxr: the validation patients
-        ids = set(saved["val"]["patient_ids"])
-        val_paths = {s.path for s in samples if s.patient_id in ids}
-    gone = sorted(p for p in val_paths if p not in known or not Path(p).exists())
-    if gone:
-        raise CxrError(f"cannot --resume: {len(gone)} of the run's {len(val_paths)} validation images are not in "
-                       f"--data any more (e.g. {gone[0]}); start a new run with another --output")
-    if fingerprint(samples) != saved.get("fingerprint") or len(val_paths) != saved["val"]["images"]:
-        raise CxrError(f"cannot --resume: the images in --data are not the ones of the run's split ({path}); "
-                       "start a new run with another --output")
-    return [s for s in samples if s.path not in val_paths], [s for s in samples if s.path in val_paths]
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -422,15 +381,6 @@ def _load_state(path: str) -> dict[str, Any]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
 
 
-def checkpoint_rank(state: dict[str, Any]) -> tuple[float, int]:
-    """(val AUC, epoch) of a checkpoint state; the export takes the highest.
-
-    An AUC that is missing or NaN (a validation split holding one class) counts as -1, below every
-    real AUC: NaN compares false both ways and would otherwise rank no checkpoint at all.
-    """
-    epoch = state["epoch"]
-    auc = next((h["val_auc"] for h in state["history"] if h["epoch"] == epoch), math.nan)
-    return (-1.0 if math.isnan(auc) else float(auc), epoch)
 
 
 def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], val: list[Sample],
@@ -484,21 +434,3 @@ def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], v
                "skipped_images": history[-1].get("skipped_images", 0) if history else 0}
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _write_split(path: Path, cfg: TrainConfig, train: list[Sample], val: list[Sample]) -> None:
-    """Record the patient split so a run can be audited and reproduced."""
-    def counts(ss: list[Sample]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for s in ss:
-            out[s.label] = out.get(s.label, 0) + 1
-        return out
-
-    path.write_text(json.dumps({
-        "seed": cfg.seed, "val_fraction": cfg.val_fraction, "val_share": round(len(val) / len(train + val), 4),
-        "grouped_by": "patient_id",
-        "train": {"images": len(train), "patients": len({s.patient_id for s in train}), "by_label": counts(train)},
-        "val": {"images": len(val), "patients": len({s.patient_id for s in val}), "by_label": counts(val),
-                "patient_ids": sorted({s.patient_id for s in val}), "paths": [s.path for s in val]},
-        "fingerprint": fingerprint(train + val),
-    }, indent=2) + "\n")

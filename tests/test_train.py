@@ -23,7 +23,7 @@ CLI = [sys.executable, "-c", "from cxr.cli import main; main()"]
 
 def test_checkpoint_rank_orders_by_auc_then_epoch_and_ranks_nan_last() -> None:
     """A one-class validation split gives NaN AUCs; the export must still pick a checkpoint (the newest)."""
-    from jobs.train import checkpoint_rank
+    from cxr.training import checkpoint_rank
 
     def state(epoch: int, auc: float) -> dict:
         return {"epoch": epoch, "history": [{"epoch": e, "val_auc": auc} for e in range(1, epoch + 1)]}
@@ -229,17 +229,15 @@ def test_no_readable_training_image_is_one_clear_line(run_dir, data_dir: Path) -
 
 
 def test_resume_reuses_the_saved_split_and_refuses_changed_data(tmp_path: Path, sample_images: list[Path]) -> None:
-    from cxr.config import TrainConfig
-    from cxr.data import Sample, discover, split_by_patient
+    from cxr.data import Sample, discover, saved_split, split_by_patient, write_split
     from cxr.errors import CxrError
-    from jobs.train import _write_split, saved_split
 
     for p in sample_images:
         (tmp_path / "train" / p.parent.name).mkdir(parents=True, exist_ok=True)
         (tmp_path / "train" / p.parent.name / p.name).write_bytes(p.read_bytes())
     samples = discover(tmp_path)
     train, val = split_by_patient(samples, 0.25, seed=3)
-    _write_split(tmp_path / "split.json", TrainConfig(seed=3, val_fraction=0.25), train, val)
+    write_split(tmp_path / "split.json", 3, 0.25, train, val)
     assert saved_split(tmp_path / "split.json", samples) == (train, val)
 
     extra = Sample(str(tmp_path / "train" / "NORMAL" / "IM-9999-0001.jpeg"), "normal", "normal", "IM-9999")

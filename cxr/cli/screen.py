@@ -146,8 +146,14 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
 
 
 def _save_config(cfg: ScreenConfig) -> None:
-    if "://" not in cfg.output:
-        save_json(cfg, Path(cfg.output) / "screen_config.json")
+    """The run's resolved flags beside its results, where the output is a local folder (file:// too)."""
+    import pyarrow.fs as pafs
+
+    from cxr import screening as S
+
+    fs, out_dir = S.open_fs(cfg.output)
+    if isinstance(fs, pafs.LocalFileSystem):
+        save_json(cfg, Path(out_dir) / "screen_config.json")
 
 
 def _emit_failure_metrics(cfg: ScreenConfig) -> None:
