@@ -41,9 +41,50 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    status = _EXIT_STATUS[-1]
+    left = _descendants_after(15.0)
+    if left:  # a test that leaves a process behind fails the run (the teardown above would hide it)
+        print("\nprocesses the tests left running:\n  " + "\n  ".join(left), file=sys.stderr)
+        status = status or 3
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(_EXIT_STATUS[-1])
+    os._exit(status)
+
+
+def _descendants_after(grace_s: float) -> list[str]:
+    """Command lines of this process's descendants still alive after ``grace_s`` (Ray's exit takes a moment)."""
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = _descendants(os.getpid())
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _descendants(root: int) -> list[str]:
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":  # a zombie has exited; only its parent's wait is missing
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                names[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except OSError:  # exited while we looked
+            continue
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(f"{pid} {names.get(pid, '?')}")
+        todo += children.get(pid, [])
+    return out
 
 
 @pytest.fixture(scope="session")
