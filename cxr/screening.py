@@ -579,7 +579,10 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
     seen: set[str] = {root_real, *(os.path.realpath(p) for p in skip)}
     out: list[pafs.FileInfo] = []
     bad = 0
-    for folder, dirs, names in os.walk(root, followlinks=True):
+    def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: its files would get no rows
+        raise CxrError(f"cannot list {exc.filename}: {exc.strerror or exc}")
+
+    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         keep = []
         for d in sorted(dirs):
             full = os.path.join(folder, d)
