@@ -393,6 +393,12 @@ def test_a_metrics_file_that_cannot_be_written_fails_after_the_summary(screened,
     (tmp_path / "afile").write_text("x")
     line = _one_error_line(invoke("report", str(screened["out"]), "-o", str(tmp_path / "afile")))
     assert line.startswith("error: File exists") and "afile" in line
+    os.environ["CXR_DEBUG"] = "1"  # the traceback behind the line, on request
+    try:
+        with pytest.raises(FileExistsError):
+            invoke("report", str(screened["out"]), "-o", str(tmp_path / "afile"))
+    finally:
+        del os.environ["CXR_DEBUG"]
 
 
 def test_force_sets_another_models_results_aside(ray_local, tiny_model, tmp_path, sample_images) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,8 +45,9 @@ class TrainProcess:
         env = {**os.environ, "CXR_RAY_TEMP_DIR": self.ray_dir}
         env.pop("RAY_ADDRESS", None)
         self.log = log
-        self.proc = subprocess.Popen(CLI + ["train", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(CLI + ["train", *args], stdout=out, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
@@ -58,6 +60,7 @@ class TrainProcess:
             pass
         self.proc.wait(timeout=30)
         subprocess.run(["pkill", "-9", "-f", self.ray_dir], check=False)
+        shutil.rmtree(self.ray_dir, ignore_errors=True)  # Ray's session files of this run
 
     def output(self) -> str:
         return self.log.read_text()

@@ -27,6 +27,8 @@ class _Main(click.Group):
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
         except OSError as exc:  # an output path that is a file, a folder without write permission, a full disk
+            if os.environ.get("CXR_DEBUG") == "1":  # a bug can be an OSError too: its traceback on request
+                raise
             click.secho(f"error: {_os_message(exc)}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
