@@ -198,15 +198,7 @@ def done_keys(results: pa.Table, model_id: str) -> np.ndarray:
     error_code and scored_at. A sorted fixed-width array (not a Python set) so workers
     can share it zero-copy through Ray's object store and test membership with a binary search.
     """
-    if results.num_rows == 0:
-        return np.zeros(0, dtype="S16")
-    t = dedupe_latest(results).select(["path", "sha256", "model_id", "error_code"]).to_pydict()
-    keys = {
-        resume_key(p, s)
-        for p, s, m, e in zip(t["path"], t["sha256"], t["model_id"], t["error_code"])
-        if m == model_id and s and e not in RETRY_CODES
-    }
-    return np.array(sorted(keys), dtype="S16")
+    return resume_keys(results, model_id)[0]
 
 
 def stat_key(path: str, size: int, mtime_ns: int) -> bytes:
@@ -222,16 +214,28 @@ def unchanged_keys(results: pa.Table, model_id: str) -> np.ndarray:
     otherwise read every byte of it again to hash it). Same rules as :func:`done_keys` otherwise;
     ``results`` also needs size_bytes and mtime_ns (null in parts written before schema v2).
     """
-    if results.num_rows == 0 or "mtime_ns" not in results.column_names:
-        return np.zeros(0, dtype="S16")
-    t = dedupe_latest(results).select(["path", "size_bytes", "mtime_ns", "sha256", "model_id", "error_code"]).to_pydict()
-    keys = {
-        stat_key(p, n, m)
-        for p, n, m, s, mid, e in zip(t["path"], t["size_bytes"], t["mtime_ns"], t["sha256"], t["model_id"],
-                                      t["error_code"])
-        if mid == model_id and s and m is not None and n is not None and e not in RETRY_CODES
-    }
-    return np.array(sorted(keys), dtype="S16")
+    return resume_keys(results, model_id)[1]
+
+
+def resume_keys(results: pa.Table, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`done_keys`, :func:`unchanged_keys`) from one pass over the current rows: a rerun needs
+    both, and the newest-row-per-path sort is the costly part on a large results folder."""
+    empty = np.zeros(0, dtype="S16")
+    if results.num_rows == 0:
+        return empty, empty
+    current = dedupe_latest(results)
+    wanted = ("path", "sha256", "model_id", "error_code", "size_bytes", "mtime_ns")
+    t = current.select([c for c in wanted if c in current.column_names]).to_pydict()
+    mtimes = t.get("mtime_ns") or [None] * current.num_rows
+    sizes = t.get("size_bytes") or [None] * current.num_rows
+    done, unchanged = set(), set()
+    for p, s, mid, e, n, m in zip(t["path"], t["sha256"], t["model_id"], t["error_code"], sizes, mtimes):
+        if mid != model_id or not s or e in RETRY_CODES:
+            continue
+        done.add(resume_key(p, s))
+        if m is not None and n is not None:
+            unchanged.add(stat_key(p, n, m))
+    return np.array(sorted(done), dtype="S16"), np.array(sorted(unchanged), dtype="S16")
 
 
 def is_done(keys: np.ndarray, key: bytes) -> bool:
@@ -579,6 +583,7 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
     seen: set[str] = {root_real, *(os.path.realpath(p) for p in skip)}
     out: list[pafs.FileInfo] = []
     bad = 0
+
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: its files would get no rows
         raise CxrError(f"cannot list {exc.filename}: {exc.strerror or exc}")
 

@@ -381,8 +381,7 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         else:
             done = S.read_parts(cfg.output, classes, columns=["path", "size_bytes", "mtime_ns", "sha256", "model_id",
                                                               "error_code", "scored_at"])
-            keys = S.done_keys(done, meta.model_id)
-            unchanged = S.unchanged_keys(done, meta.model_id)
+            keys, unchanged = S.resume_keys(done, meta.model_id)
             todo = [f for f in files if f.mtime_ns is None  # unchanged since scored: not even read
                     or not S.is_done(unchanged, S.stat_key(f.path, f.size, f.mtime_ns))]
             del done
