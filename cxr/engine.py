@@ -23,6 +23,7 @@ machine without it.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import uuid
@@ -61,11 +62,12 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path, model_id: s
     wrapped = Probabilities(model.float().cpu()).eval()
     x = torch.randn(2, 1, image_size, image_size)
     tmp = _tmp_beside(path)
+    graph = io.BytesIO()  # tagged in memory: the graph is written to disk once
     torch.onnx.export(
-        wrapped, (x,), str(tmp), input_names=["image"], output_names=["probs"],
+        wrapped, (x,), graph, input_names=["image"], output_names=["probs"],
         dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17, dynamo=False,
     )
-    proto = onnx.load(str(tmp))
+    proto = onnx.load_from_string(graph.getvalue())
     onnx.helper.set_model_props(proto, {"model_id": model_id})
     onnx.save(proto, str(tmp))
     sess = _ort_session(tmp, threads=0, gpu=False)

@@ -136,8 +136,9 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
 def _to_unit_gray(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # "I": 32-bit ints, as some PIL versions read 16-bit PNG
-        arr = np.clip(np.asarray(img, dtype=np.int64), 0, None)
-        return (arr.astype(np.float32) / np.float32(stored_full_scale(int(arr.max(initial=0))))).astype(np.float32)
+        ints = np.asarray(img, dtype=np.uint16) if mode != "I" else np.clip(np.asarray(img, dtype=np.int32), 0, None)
+        out = ints.astype(np.float32)  # one float array per image, as for 8-bit data below
+        return np.divide(out, np.float32(stored_full_scale(int(ints.max(initial=0)))), out=out)
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         if not np.isfinite(arr).all():  # checked first: a NaN min/max would make the image a black one

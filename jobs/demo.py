@@ -28,9 +28,9 @@ def _run(args: list[str]) -> None:
 
 
 def demo(output: str = "demo-out") -> None:
-    from jobs.common import init_ray
-
     import shutil
+
+    from jobs.common import init_ray
 
     out = Path(output)
     for old in (out / "run", out / "screen"):  # the demo always starts fresh, and removes nothing else

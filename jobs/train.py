@@ -61,8 +61,6 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP rank: load its data, train, evaluate, report and checkpoint every epoch."""
     cfg = from_dict(TrainConfig, config["train"])
@@ -210,8 +208,6 @@ def _append_jsonl(path: Path | None, row: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- driver side
-
-
 
 
 def _check_resources(cfg: TrainConfig) -> None:
@@ -365,8 +361,6 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfi
     return cfg
 
 
-
-
 def _root_cause(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)
     if failures:
@@ -379,8 +373,6 @@ def _load_state(path: str) -> dict[str, Any]:
     with ray.train.Checkpoint(path).as_directory() as d:
         # mmap: only the tensors used are read (a state holds model, EMA and optimizer)
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
-
-
 
 
 def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], val: list[Sample],
