@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cxr.config import CLASSES
 from cxr.errors import CxrError
+from cxr.storage import is_uri
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp"}
 MANIFEST_NAMES = ("MANIFEST.csv", "manifest.csv", "manifest.parquet", "MANIFEST.parquet")
@@ -95,7 +96,7 @@ def read_manifest_rows(path: Path) -> list[dict[str, str]]:
 
 def manifest_entry_path(manifest: Path, path: str) -> str:
     """A manifest row's file: relative paths are relative to the manifest's folder; URIs stay as they are."""
-    return path if "://" in path else str((manifest.parent / path).resolve())
+    return path if is_uri(path) else str((manifest.parent / path).resolve())
 
 
 def discover(data: str | Path, split: str = "train") -> list[Sample]:
@@ -104,7 +105,7 @@ def discover(data: str | Path, split: str = "train") -> list[Sample]:
     ``data`` is a manifest file (CSV/Parquet: path, label[, subtype, patient_id, split]),
     a folder holding one (MANIFEST.csv), or a folder ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*``.
     """
-    if "://" in str(data):
+    if is_uri(data):
         raise CxrError(f"--data must be a path every worker can read (local, or a filesystem mounted at the same "
                        f"path on every node), not a URI: {data}")
     root = Path(data).expanduser()

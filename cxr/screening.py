@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 
 from cxr.data import IMAGE_SUFFIXES, label_from_path, manifest_entry_path, normalise_label, read_manifest_rows
 from cxr.errors import CxrError
+from cxr.storage import open_fs, uri_prefix
 
 #: 1: the columns of the issue; 2: ``mtime_ns`` (parts of either version read together; missing = null)
 SCHEMA_VERSION = 2
@@ -277,33 +278,6 @@ def dedupe_latest(table: pa.Table) -> pa.Table:
     if n > 1:
         first[1:] = pc.not_equal(paths.slice(1), paths.slice(0, n - 1)).to_numpy(zero_copy_only=False)
     return table.take(pa.array(np.sort(idx.to_numpy()[first])))
-
-
-def open_fs(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a pyarrow filesystem URI."""
-    if "://" in location:
-        try:
-            return pafs.FileSystem.from_uri(location)
-        except Exception as exc:  # noqa: BLE001 - ArrowInvalid, ArrowNotImplementedError, OSError
-            raise CxrError(f"cannot open {location}: {exc}") from None
-    return pafs.LocalFileSystem(), str(Path(os.path.expanduser(location)).resolve())
-
-
-def uri_prefix(location: str) -> str:
-    """What to put before a filesystem path to give the user-facing path ('' for local)."""
-    return location.split("://", 1)[0] + "://" if "://" in location else ""
-
-
-def child_uri(location: str, fs_path: str) -> str:
-    """The URI of ``fs_path`` inside ``location``'s filesystem, with ``location``'s ``?query`` kept.
-
-    ``open_fs`` drops the query (``s3://b/ckpt?endpoint_override=minio:9000&region=x``); a URI
-    rebuilt without it for another reader (Ray's Checkpoint) would name the default endpoint.
-    """
-    if "://" not in location:
-        return fs_path
-    query = location.split("?", 1)[1] if "?" in location else ""
-    return uri_prefix(location) + fs_path + (f"?{query}" if query else "")
 
 
 def list_parts(fs: pafs.FileSystem, out_dir: str) -> list[str]:

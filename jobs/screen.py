@@ -39,6 +39,7 @@ import pyarrow.fs as pafs
 from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
 from cxr.errors import CxrError
+from cxr.storage import is_local, open_fs, uri_prefix
 
 if TYPE_CHECKING:  # the decode workers need no model code
     from cxr.export import ModelMetadata
@@ -312,10 +313,10 @@ def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
 @contextmanager
 def _lock(location: str) -> Iterator[None]:
     """One writer per local output folder (the lock dies with the process, SIGKILL included)."""
-    if "://" in location and not location.startswith("file://"):
+    if not is_local(location):
         yield  # object stores have no locks: one run per output folder is the caller's job
         return
-    fs, out_dir = S.open_fs(location)
+    fs, out_dir = open_fs(location)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fd = os.open(str(Path(out_dir) / S.LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -344,7 +345,7 @@ def _label_root(archive: str, fs: pafs.FileSystem, root: str) -> str:
         is_file = fs.get_file_info(root).type == pafs.FileType.File
     except Exception:  # noqa: BLE001 - list_archive reports an unreachable archive
         is_file = False
-    return S.uri_prefix(archive) + (str(PurePosixPath(root).parent) if is_file else root)
+    return uri_prefix(archive) + (str(PurePosixPath(root).parent) if is_file else root)
 
 
 def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -352,8 +353,8 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
     t0 = time.perf_counter()
     meta = check_model(cfg.model, cfg.engine)
     classes = list(meta.classes)
-    out_fs, out_dir = S.open_fs(cfg.output)
-    arch_fs, arch_root = S.open_fs(cfg.archive)
+    out_fs, out_dir = open_fs(cfg.output)
+    arch_fs, arch_root = open_fs(cfg.archive)
     labels = S.load_labels(cfg.labels, classes, folder_root=_label_root(cfg.archive, arch_fs, arch_root))
     same_fs = type(out_fs) is type(arch_fs)
     if same_fs and (arch_root == out_dir or arch_root.startswith(out_dir.rstrip("/") + "/")):
@@ -372,7 +373,7 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         S.check_owner({**state, "model_id": owner}, meta.model_id, cfg.output, cfg.force)
         if owner and owner != meta.model_id:  # --force onto another model's folder: it changes hands
             kept = S.set_aside_results(cfg.output, owner)
-            print(f"--force: the results of model {owner[:12]} were moved to {S.uri_prefix(cfg.output)}{kept} "
+            print(f"--force: the results of model {owner[:12]} were moved to {uri_prefix(cfg.output)}{kept} "
                   "(delete that folder when no longer needed)", file=sys.stderr)
         S.clean_tmp(cfg.output)
         S.write_state(cfg.output, meta.model_id, meta.model_version, classes)
@@ -523,7 +524,7 @@ def _maybe_report(output: str, classes: list[str], labels: S.LabelIndex | None =
     except ImportError as exc:
         print(f"report skipped: cxr.report is not available ({exc})", file=sys.stderr)
         return None
-    fs, out_dir = S.open_fs(output)
+    fs, out_dir = open_fs(output)
     if not isinstance(fs, pafs.LocalFileSystem):
         print("report skipped: reports are written to local folders only (use `cxr report`)", file=sys.stderr)
         return None

@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from cxr.errors import CxrError, first_line
+from cxr.storage import is_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -62,7 +63,7 @@ def entrypoint(command: str, args: Sequence[str]) -> str:
         flag, eq, value = arg.partition("=")
         if flag in PATH_ONLY_FLAGS.get(command, ()):
             value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            if "://" in value:
+            if is_uri(value):
                 raise CxrError(f"{flag} {value}: `cxr {command}` reads {flag} by path on every node; give a path on a "
                                "filesystem the cluster's nodes mount (object-store URIs work for --storage, and for "
                                "screening's archive and --output)")

@@ -38,7 +38,7 @@ from cxr.metrics import operating_point, validation_metrics
 from cxr.hardware import cpu_has_fast_bf16
 from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
-from cxr.screening import child_uri, open_fs
+from cxr.storage import child_uri, is_uri, open_fs
 from cxr.training import (
     DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
     checkpoint_rank, class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
@@ -223,7 +223,7 @@ def _check_resources(cfg: TrainConfig) -> None:
 
 def _storage(cfg: TrainConfig, output: Path) -> str:
     if cfg.storage:
-        return cfg.storage if "://" in cfg.storage else str(Path(cfg.storage).expanduser().resolve())
+        return cfg.storage if is_uri(cfg.storage) else str(Path(cfg.storage).expanduser().resolve())
     return str((output / "checkpoints").resolve())
 
 
@@ -269,7 +269,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     flags the user passed (None: all of ``cfg``), and any of them that would change the run is an
     error (see :func:`cxr.config.resume_config`).
     """
-    if "://" in cfg.output:  # Path() would make s3://b/r a local folder "s3:/b/r" under the working directory
+    if is_uri(cfg.output):  # Path() would make s3://b/r a local folder "s3:/b/r" under the working directory
         raise CxrError(f"--output must be a folder path (the run's config, split, metrics and model export; on a "
                        f"cluster, a filesystem every node mounts), not a URI: {cfg.output}. Checkpoints go to "
                        "--storage, which takes s3:// and other pyarrow URIs")

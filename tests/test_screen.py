@@ -28,6 +28,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cxr import screening as S
+from cxr.storage import open_fs
 from cxr.cli import main
 from cxr.preprocess import decode_image
 
@@ -228,12 +229,12 @@ def test_prometheus_file_parses_back(screened) -> None:
 
 def test_rerun_scores_only_new_or_changed_files(screened, data_dir) -> None:
     out, archive = screened["out"], screened["archive"]
-    parts_before = S.list_parts(*S.open_fs(str(out)))
+    parts_before = S.list_parts(*open_fs(str(out)))
     res = invoke("screen", str(archive), "--model", str(screened["model"]), "--output", str(out), "-q")
     assert res.exit_code == 0, res.output
     assert f"scored: 0  skipped (already done): {N_INPUTS}  errors: 0" in res.output
     assert "positives: n/a" in res.output and "nothing new to score" in res.output
-    assert S.list_parts(*S.open_fs(str(out))) == parts_before
+    assert S.list_parts(*open_fs(str(out))) == parts_before
     # one file changes content, one new file arrives: exactly two rows are added
     changed = screened["made"]["copy"]
     changed.write_bytes(sorted((data_dir / "train" / "NORMAL").glob("*.jpeg"))[10].read_bytes())
@@ -452,7 +453,7 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(screened, ray_local, tmp_p
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(S.list_parts(*S.open_fs(str(killed)))) >= 3:
+            if len(S.list_parts(*open_fs(str(killed)))) >= 3:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()[-2000:]}"
@@ -481,7 +482,7 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(screened, ray_local, tmp_p
         assert (g["label"], g["sha256"], g["error_code"]) == (r["label"], r["sha256"], r["error_code"])
         assert abs(g["prob_pneumonia"] - r["prob_pneumonia"]) < 1e-5
     assert not (killed / "results" / "_tmp").exists()  # the rerun cleared what the kill left half-written
-    assert all(pq.read_metadata(p).num_rows > 0 for p in S.list_parts(*S.open_fs(str(killed))))
+    assert all(pq.read_metadata(p).num_rows > 0 for p in S.list_parts(*open_fs(str(killed))))
 
 
 def test_scorer_turns_non_finite_probabilities_into_error_rows(tiny_model) -> None:

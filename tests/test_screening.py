@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cxr import screening as S
+from cxr.storage import child_uri, is_local, is_uri, open_fs
 from cxr.errors import CxrError
 
 CLASSES = ["normal", "pneumonia"]
@@ -122,7 +123,7 @@ def test_part_writer_writes_complete_parts_atomically(tmp_path: Path) -> None:
         w.add(S.build_rows(_base([f"p{i}"]), np.zeros((1, 2)), [True], CLASSES, 0.5, "m", "v"))
     assert len(w.paths) == 2 and not list((tmp_path / "out/results/_tmp").iterdir())
     w.flush()
-    assert len(S.list_parts(*S.open_fs(out))) == 3
+    assert len(S.list_parts(*open_fs(out))) == 3
     (tmp_path / "out/results/_tmp/part-dead.parquet").write_bytes(b"half a part")
     S.clean_tmp(out)
     assert not list((tmp_path / "out/results/_tmp").iterdir())
@@ -221,10 +222,16 @@ def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.Lo
 def test_child_uris_keep_the_location_query() -> None:
     """Checkpoint URIs rebuilt from a listing must keep ?endpoint_override= (MinIO), or they name AWS."""
     loc = "s3://bucket/ckpt?endpoint_override=minio:9000&region=eu-1"
-    assert S.child_uri(loc, "bucket/ckpt/cxr/checkpoint_1") == \
+    assert child_uri(loc, "bucket/ckpt/cxr/checkpoint_1") == \
         "s3://bucket/ckpt/cxr/checkpoint_1?endpoint_override=minio:9000&region=eu-1"
-    assert S.child_uri("gs://b/x", "b/x/y") == "gs://b/x/y"
-    assert S.child_uri("/local/dir", "/local/dir/y") == "/local/dir/y"
+    assert child_uri("gs://b/x", "b/x/y") == "gs://b/x/y"
+    assert child_uri("/local/dir", "/local/dir/y") == "/local/dir/y"
+
+
+def test_locations_local_or_uri() -> None:
+    """file:// is local (locks, saved config); s3:// is not; a path with a colon is still a path."""
+    assert is_local("/data/x") and is_local("rel/x:y") and is_local("file:///data/x")
+    assert not is_local("s3://b/x") and is_uri("s3://b/x") and is_uri(Path("rel")) is False
 
 
 def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:

@@ -147,13 +147,10 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
 
 def _save_config(cfg: ScreenConfig) -> None:
     """The run's resolved flags beside its results, where the output is a local folder (file:// too)."""
-    import pyarrow.fs as pafs
+    from cxr.storage import is_local, open_fs
 
-    from cxr import screening as S
-
-    fs, out_dir = S.open_fs(cfg.output)
-    if isinstance(fs, pafs.LocalFileSystem):
-        save_json(cfg, Path(out_dir) / "screen_config.json")
+    if is_local(cfg.output):
+        save_json(cfg, Path(open_fs(cfg.output)[1]) / "screen_config.json")
 
 
 def _emit_failure_metrics(cfg: ScreenConfig) -> None:

@@ -1,0 +1,52 @@
+"""Where files live: a local path or a pyarrow filesystem URI (s3://, gs://, file://...).
+
+One place for the question "is this a URI?" and for turning a location into
+(filesystem, path) and back, so training's checkpoints, screening's archive and
+output, and manifests answer it the same way. No Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from cxr.errors import CxrError
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` (file:// included); False for a local path."""
+    return "://" in str(location)
+
+
+def is_local(location: str) -> bool:
+    """True where the location is on this machine's file system (a plain path or file://)."""
+    return not is_uri(location) or location.startswith("file://")
+
+
+def open_fs(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a pyarrow filesystem URI."""
+    if is_uri(location):
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as exc:  # noqa: BLE001 - ArrowInvalid, ArrowNotImplementedError, OSError
+            raise CxrError(f"cannot open {location}: {exc}") from None
+    return pafs.LocalFileSystem(), str(Path(os.path.expanduser(location)).resolve())
+
+
+def uri_prefix(location: str) -> str:
+    """What to put before a filesystem path to give the user-facing path ('' for local)."""
+    return location.split("://", 1)[0] + "://" if is_uri(location) else ""
+
+
+def child_uri(location: str, fs_path: str) -> str:
+    """The URI of ``fs_path`` inside ``location``'s filesystem, with ``location``'s ``?query`` kept.
+
+    ``open_fs`` drops the query (``s3://b/ckpt?endpoint_override=minio:9000&region=x``); a URI
+    rebuilt without it for another reader (Ray's Checkpoint) would name the default endpoint.
+    """
+    if not is_uri(location):
+        return fs_path
+    query = location.split("?", 1)[1] if "?" in location else ""
+    return uri_prefix(location) + fs_path + (f"?{query}" if query else "")
