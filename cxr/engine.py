@@ -175,7 +175,7 @@ class TorchEngine:
     bf16 is the precision training evaluated in (autocast on GPUs and on CPUs
     with native bf16), so the exported threshold was chosen on bf16 scores. It
     is not fp32: over 400 held-out images, bf16 probabilities were up to 0.040
-    (H200) and 0.020 (H100) from fp32 PyTorch on the CPU (fp32 on the GPU, with
+    (H200) and 0.020-0.052 (H100s) from fp32 PyTorch on the CPU (fp32 on the GPU, with
     cuDNN's TF32 convolutions, up to 0.0045), no decision changed, and the AUC
     was the same (BENCHMARKS.md, "GPU paths"). Hence opt-in on CPU. On a GPU both
     torch engines run bf16: fp32 there would cost ~1.5x the time for a score

@@ -139,3 +139,51 @@ def load_export(directory: str | Path, verify: bool = True) -> tuple[nn.Module, 
     except Exception as exc:  # noqa: BLE001
         raise CxrError(f"{weights}: cannot load weights: {exc}") from None
     return model.eval(), meta
+
+
+def check_export(model_dir: str, engine: str) -> ModelMetadata:
+    """Fail fast, in the driver, with one clear line when the export is unusable for ``engine``.
+
+    `cxr screen` and `cxr serve` call it before any actor or replica starts, so a broken export
+    is one line, not a crash in every worker (or a replica crash loop).
+    """
+    if not model_dir:
+        raise CxrError("--model is required (an export directory written by `cxr train`)")
+    if not Path(model_dir).is_dir():
+        raise CxrError(f"model not found: {model_dir}")
+    meta = read_metadata(model_dir)
+    if not meta.model_id or not meta.classes or "normal" not in meta.classes:
+        raise CxrError(f"{model_dir}: metadata lacks model_id or a 'normal' class; not a usable export")
+    onnx, weights = Path(model_dir) / ONNX, Path(model_dir) / WEIGHTS
+    needs = [onnx] if engine == "onnx" else [weights] if engine.startswith("torch") else [onnx, weights]
+    if not any(p.is_file() and p.stat().st_size > 0 for p in needs):
+        raise CxrError(f"{model_dir}: no usable {' or '.join(p.name for p in needs)}")
+    if engine == "onnx" or (engine == "auto" and onnx.is_file()):
+        _check_onnx_graph(onnx, meta)
+    return meta
+
+
+def _check_onnx_graph(path: Path, meta: ModelMetadata) -> None:
+    """Parse the ONNX graph so a corrupt file, or one of other weights or another size than the metadata
+    says (an export interrupted between its files, a copy mixing two), fails here in one line, not in
+    every actor, and never scores rows under a model_id whose weights did not produce them."""
+    if not path.is_file():
+        return  # OnnxEngine rebuilds it from the weights
+    try:
+        import onnx
+
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+        graph = proto.graph
+    except Exception as exc:  # noqa: BLE001
+        raise CxrError(f"unreadable model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    tag = {p.key: p.value for p in proto.metadata_props}.get("model_id", "")  # '' before graphs were tagged
+    if tag and tag != meta.model_id:
+        raise CxrError(f"{path} was exported from other weights ({tag[:12]}) than metadata.json's model "
+                       f"{meta.model_id[:12]}: the export is stale or mixed up; export the model again")
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
+    fixed = [d for d in dims[2:] if d > 0]  # N x C x H x W; a dynamic axis has no dim_value
+    image_size = meta.preprocess.image_size
+    if any(d != image_size for d in fixed):
+        raise CxrError(f"{path} takes {'x'.join(map(str, fixed))} px images but metadata.json says "
+                       f"image_size {image_size}: the export is stale or mixed up; export the model again")

@@ -57,6 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cxr.config import ScreenConfig
 from cxr.data import IMAGE_SUFFIXES, label_from_path, manifest_entry_path, normalise_label, read_manifest_rows
 from cxr.errors import CxrError
 from cxr.storage import open_fs, uri_prefix
@@ -807,3 +808,76 @@ def push_metrics(registry: Any, url: str, job: str = "cxr_screen") -> None:
         push_to_gateway(url, job=job, registry=registry, timeout=10)
     except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, OSError
         raise CxrError(f"cannot push metrics to the Pushgateway at {url}: {exc}") from None
+
+
+@dataclass
+class RunStats:
+    """Counts over the rows this run wrote (kept incrementally: memory stays flat)."""
+
+    rows: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    labelled: int = 0
+    positives: int = 0
+
+    def add(self, table: pa.Table, normal: str) -> None:
+        self.rows += table.num_rows
+        for code in table.column("error_code").to_pylist():
+            if code:
+                self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+        for lab in table.column("label").to_pylist():
+            if lab:
+                self.labelled += 1
+                self.positives += lab != normal
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_code.values())
+
+
+@dataclass
+class Topology:
+    actors: int
+    threads: int
+    actor_cpus: float
+    actor_gpus: float
+    task_cpus: float
+
+
+def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
+                  autoscaling: bool = False) -> Topology:
+    """How many inference actors, engine threads each, and the logical CPUs Ray reserves.
+
+    CPU: actors x threads ~= the CPUs, keeping ~10 % (at least half a CPU) for the
+    decode tasks, which cost ~1/20 of a ResNet-50 forward pass. One thread per
+    actor scales best on small machines (2 x 1-thread bf16 actors: 2 x 20 img/s
+    vs 34 for one 2-thread process; BENCHMARKS.md), so the default is one actor per CPU.
+    GPU: one actor per ``--gpus-per-worker`` share of the GPUs.
+
+    Without ``--workers`` the pool fits the cluster as it is when the job starts. With it, on a
+    running cluster (``autoscaling``), every actor reserves its whole share (``--threads-per-worker``
+    CPUs when given, or its GPUs) even beyond what the nodes have now: the actors that do not fit
+    wait, and Ray's autoscaler adds the nodes they ask for, while the job starts on the first actor
+    that does. Threads derived from today's CPUs mean "fit what is up", so they are squeezed as locally.
+    """
+    cpus = max(1.0, cluster_cpus)
+    grow = bool(cfg.workers and autoscaling)  # ask for --workers full shares: the autoscaler adds the nodes
+    if cfg.gpus_per_worker > 0:
+        if not grow and cluster_gpus < cfg.gpus_per_worker:
+            hint = "; on an autoscaling cluster, --workers N asks for N GPU actors and the nodes for them" \
+                if autoscaling else ""
+            raise CxrError(f"--gpus-per-worker {cfg.gpus_per_worker} but the Ray cluster has {cluster_gpus:g} GPUs{hint}")
+        actors = cfg.workers or max(1, int(cluster_gpus // cfg.gpus_per_worker))
+        threads = cfg.threads_per_worker or 1
+        return Topology(actors, threads, 1.0 if cpus >= actors + 1 or grow else 0.5, cfg.gpus_per_worker, 0.5)
+    reserve = max(0.5, 0.1 * cpus)
+    if cfg.workers:
+        actors = cfg.workers
+        threads = cfg.threads_per_worker or max(1, int(cpus // actors))
+    else:
+        threads = cfg.threads_per_worker or 1
+        actors = max(1, int(cpus // threads))
+    if grow and cfg.threads_per_worker:
+        actor_cpus = float(threads)  # not squeezed onto today's nodes: what does not fit scales the cluster out
+    else:
+        actor_cpus = max(0.1, min(float(threads), (cpus - reserve) / actors))
+    return Topology(actors, threads, round(actor_cpus, 3), 0.0, 0.5)

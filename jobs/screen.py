@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -58,30 +58,6 @@ class Progress:
     @property
     def rate(self) -> float:
         return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-@dataclass
-class RunStats:
-    """Counts over the rows this run wrote (kept incrementally: memory stays flat)."""
-
-    rows: int = 0
-    errors_by_code: dict[str, int] = field(default_factory=dict)
-    labelled: int = 0
-    positives: int = 0
-
-    def add(self, table: pa.Table, normal: str) -> None:
-        self.rows += table.num_rows
-        for code in table.column("error_code").to_pylist():
-            if code:
-                self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
-        for lab in table.column("label").to_pylist():
-            if lab:
-                self.labelled += 1
-                self.positives += lab != normal
-
-    @property
-    def errors(self) -> int:
-        return sum(self.errors_by_code.values())
 
 
 # --------------------------------------------------------------------------- worker side
@@ -215,101 +191,6 @@ class Scorer:
 # --------------------------------------------------------------------------- driver side
 
 
-def check_model(model_dir: str, engine: str) -> "ModelMetadata":
-    """Fail fast, in the driver, with one clear line when the export is unusable."""
-    from cxr.export import ONNX, WEIGHTS, read_metadata
-
-    if not model_dir:
-        raise CxrError("--model is required (an export directory written by `cxr train`)")
-    if not Path(model_dir).is_dir():
-        raise CxrError(f"model not found: {model_dir}")
-    meta = read_metadata(model_dir)
-    if not meta.model_id or not meta.classes or "normal" not in meta.classes:
-        raise CxrError(f"{model_dir}: metadata lacks model_id or a 'normal' class; not a usable export")
-    onnx, weights = Path(model_dir) / ONNX, Path(model_dir) / WEIGHTS
-    needs = [onnx] if engine == "onnx" else [weights] if engine.startswith("torch") else [onnx, weights]
-    if not any(p.is_file() and p.stat().st_size > 0 for p in needs):
-        raise CxrError(f"{model_dir}: no usable {' or '.join(p.name for p in needs)}")
-    if engine == "onnx" or (engine == "auto" and onnx.is_file()):
-        _check_onnx(onnx, meta)
-    return meta
-
-
-def _check_onnx(path: Path, meta: "ModelMetadata") -> None:
-    """Parse the ONNX graph so a corrupt file, or one of other weights or another size than the metadata
-    says (an export interrupted between its files, a copy mixing two), fails here in one line, not in
-    every actor, and never scores rows under a model_id whose weights did not produce them."""
-    if not path.is_file():
-        return  # OnnxEngine rebuilds it from the weights
-    try:
-        import onnx
-
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
-        graph = proto.graph
-    except Exception as exc:  # noqa: BLE001
-        raise CxrError(f"unreadable model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    tag = {p.key: p.value for p in proto.metadata_props}.get("model_id", "")  # '' before graphs were tagged
-    if tag and tag != meta.model_id:
-        raise CxrError(f"{path} was exported from other weights ({tag[:12]}) than metadata.json's model "
-                       f"{meta.model_id[:12]}: the export is stale or mixed up; export the model again")
-    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
-    fixed = [d for d in dims[2:] if d > 0]  # N x C x H x W; a dynamic axis has no dim_value
-    image_size = meta.preprocess.image_size
-    if any(d != image_size for d in fixed):
-        raise CxrError(f"{path} takes {'x'.join(map(str, fixed))} px images but metadata.json says "
-                       f"image_size {image_size}: the export is stale or mixed up; export the model again")
-
-
-@dataclass
-class Topology:
-    actors: int
-    threads: int
-    actor_cpus: float
-    actor_gpus: float
-    task_cpus: float
-
-
-def plan_topology(cfg: ScreenConfig, cluster_cpus: float, cluster_gpus: float,
-                  autoscaling: bool = False) -> Topology:
-    """How many inference actors, engine threads each, and the logical CPUs Ray reserves.
-
-    CPU: actors x threads ~= the CPUs, keeping ~10 % (at least half a CPU) for the
-    decode tasks, which cost ~1/20 of a ResNet-50 forward pass. One thread per
-    actor scales best on small machines (2 x 1-thread bf16 actors: 2 x 20 img/s
-    vs 34 for one 2-thread process; BENCHMARKS.md), so the default is one actor per CPU.
-    GPU: one actor per ``--gpus-per-worker`` share of the GPUs.
-
-    Without ``--workers`` the pool fits the cluster as it is when the job starts. With it, on a
-    running cluster (``autoscaling``), every actor reserves its whole share (``--threads-per-worker``
-    CPUs when given, or its GPUs) even beyond what the nodes have now: the actors that do not fit
-    wait, and Ray's autoscaler adds the nodes they ask for, while the job starts on the first actor
-    that does. Threads derived from today's CPUs mean "fit what is up", so they are squeezed as locally.
-    """
-    cpus = max(1.0, cluster_cpus)
-    grow = bool(cfg.workers and autoscaling)  # ask for --workers full shares: the autoscaler adds the nodes
-    if cfg.gpus_per_worker > 0:
-        if not grow and cluster_gpus < cfg.gpus_per_worker:
-            hint = "; on an autoscaling cluster, --workers N asks for N GPU actors and the nodes for them" \
-                if autoscaling else ""
-            raise CxrError(f"--gpus-per-worker {cfg.gpus_per_worker} but the Ray cluster has {cluster_gpus:g} GPUs{hint}")
-        actors = cfg.workers or max(1, int(cluster_gpus // cfg.gpus_per_worker))
-        threads = cfg.threads_per_worker or 1
-        return Topology(actors, threads, 1.0 if cpus >= actors + 1 or grow else 0.5, cfg.gpus_per_worker, 0.5)
-    reserve = max(0.5, 0.1 * cpus)
-    if cfg.workers:
-        actors = cfg.workers
-        threads = cfg.threads_per_worker or max(1, int(cpus // actors))
-    else:
-        threads = cfg.threads_per_worker or 1
-        actors = max(1, int(cpus // threads))
-    if grow and cfg.threads_per_worker:
-        actor_cpus = float(threads)  # not squeezed onto today's nodes: what does not fit scales the cluster out
-    else:
-        actor_cpus = max(0.1, min(float(threads), (cpus - reserve) / actors))
-    return Topology(actors, threads, round(actor_cpus, 3), 0.0, 0.5)
-
-
 @contextmanager
 def _lock(location: str) -> Iterator[None]:
     """One writer per local output folder (the lock dies with the process, SIGKILL included)."""
@@ -350,8 +231,10 @@ def _label_root(archive: str, fs: pafs.FileSystem, root: str) -> str:
 
 def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (cxr.screening.summarize_counts)."""
+    from cxr.export import check_export
+
     t0 = time.perf_counter()
-    meta = check_model(cfg.model, cfg.engine)
+    meta = check_export(cfg.model, cfg.engine)
     classes = list(meta.classes)
     out_fs, out_dir = open_fs(cfg.output)
     arch_fs, arch_root = open_fs(cfg.archive)
@@ -402,10 +285,10 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
 
 def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile], fs: pafs.FileSystem,
              keys: np.ndarray, labels: S.LabelIndex, on_progress: ProgressFn | None, t0: float,
-             total: int) -> RunStats:
+             total: int) -> S.RunStats:
     """Run the Ray Data pipeline over ``files`` (``total`` input files, the rest unchanged) and write the rows
     as parts. Nothing to read: no Ray at all (a quiet night costs the listing, not Ray's start)."""
-    stats = RunStats()
+    stats = S.RunStats()
     normal = "normal"
     if not files:
         return stats
@@ -428,7 +311,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
     try:
         _quiet_ray_data()
         res = ray.cluster_resources()
-        topo = plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)), autoscaling=bool(cluster_address()))
+        topo = S.plan_topology(cfg, float(res.get("CPU", 1)), float(res.get("GPU", 0)), autoscaling=bool(cluster_address()))
         keys_ref = ray.put(keys) if keys.size else None
         items = [{"path": f.path, "fs_path": f.fs_path, "size": f.size,
                   "mtime_ns": -1 if f.mtime_ns is None else f.mtime_ns} for f in files]

@@ -128,12 +128,12 @@ def deploy(cfg: ServeConfig, timeout_s: float = 300.0) -> None:
 def start(cfg: ServeConfig, num_cpus: int | None = None, metrics_report_interval_ms: int | None = None,
           quiet: bool = True, log_to_driver: bool = True) -> Started:
     """Ray (local or cluster) + Serve + the app. On failure, stops what it started."""
-    from cxr.export import read_metadata
+    from cxr.export import check_export
     from jobs.common import cluster_address
 
     validate(cfg)  # before Ray starts: what Serve would refuse, as one CxrError line
     if cfg.model:
-        read_metadata(cfg.model)  # a clear CxrError now rather than a replica crash loop later
+        check_export(cfg.model, cfg.engine)  # a clear CxrError now rather than a replica crash loop later
     if cluster_address() is None and not port_free(cfg.host, cfg.port):
         raise CxrError(f"port {cfg.port} on {cfg.host} is in use; pick another with --port")
     started_ray, metrics_port = init_ray(cfg, num_cpus, metrics_report_interval_ms, quiet, log_to_driver)

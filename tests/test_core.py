@@ -388,7 +388,7 @@ def test_an_onnx_graph_of_other_weights_is_never_run_under_this_model_id(tmp_pat
     """An export interrupted between its files (or a copy mixing two) left an old model.onnx beside new
     weights: the engine rebuilds it from the weights, and `cxr screen` refuses it in one line."""
     from cxr.engine import OnnxEngine, load_engine, onnx_model_id
-    from jobs.screen import check_model
+    from cxr.export import check_export
 
     torch.manual_seed(0)
     meta_a = save_export(tmp_path / "a", build_model(2).eval(), ModelMetadata(classes=list(CLASSES["binary"]), preprocess=CFG))
@@ -396,12 +396,12 @@ def test_an_onnx_graph_of_other_weights_is_never_run_under_this_model_id(tmp_pat
     assert onnx_model_id(OnnxEngine(tmp_path / "a").session) == meta_a.model_id
     (tmp_path / "b" / "model.onnx").write_bytes((tmp_path / "a" / "model.onnx").read_bytes())  # a's graph, b's weights
     with pytest.raises(CxrError, match="exported from other weights"):
-        check_model(str(tmp_path / "b"), "onnx")
+        check_export(str(tmp_path / "b"), "onnx")
     x = np.random.default_rng(0).standard_normal((2, 1, CFG.image_size, CFG.image_size), dtype=np.float32)
     engine = OnnxEngine(tmp_path / "b")
     np.testing.assert_allclose(engine.predict_proba(x), load_engine(tmp_path / "b", "torch").predict_proba(x), atol=1e-4)
     assert onnx_model_id(engine.session) == engine.meta.model_id != meta_a.model_id
-    check_model(str(tmp_path / "b"), "onnx")  # rebuilt: accepted
+    check_export(str(tmp_path / "b"), "onnx")  # rebuilt: accepted
 
 
 def test_onnx_on_a_gpu_machine_without_onnxruntime_gpu_says_it_runs_on_the_cpu(tmp_path: Path, caplog) -> None:

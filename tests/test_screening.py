@@ -338,7 +338,7 @@ def test_topology_fits_the_cluster_or_asks_its_autoscaler_for_more() -> None:
     """Without --workers the actor pool fits the cluster as it is; with it, on a running cluster, every
     actor keeps its full share so the ones that do not fit make Ray's autoscaler add nodes."""
     from cxr.config import ScreenConfig
-    from jobs.screen import plan_topology
+    from cxr.screening import plan_topology
 
     here = plan_topology(ScreenConfig(), 2.0, 0.0)
     assert (here.actors, here.threads, here.actor_cpus) == (2, 1, 0.75)  # half a CPU kept for decoding

@@ -145,6 +145,25 @@ def test_cli_refuses_out_of_range_values_in_one_line(flags: list[str], expected:
     assert "Traceback" not in out.output and not isinstance(out.exception, (ValueError, TypeError)), out.output
 
 
+def test_cxr_serve_refuses_a_broken_export_before_ray_starts(tiny_model: Path, tmp_path: Path) -> None:
+    """A corrupt model.onnx used to pass the metadata check and crash every replica as it loaded."""
+    import shutil
+
+    from serve.runner import free_port
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CXR_API_TOKEN")}
+    t0 = time.monotonic()
+    proc = subprocess.run([str(Path(sys.executable).with_name("cxr")), "serve", "--model", str(broken), "--engine", "onnx",
+                           "--port", str(free_port()), "--metrics-port", str(free_port()), "--num-cpus", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "unreadable model" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60  # no Ray started, no replica waited for
+
+
 def test_cxr_serve_refuses_gpu_replicas_on_a_local_ray_without_gpus(tiny_model: Path) -> None:
     """It used to wait 300 s for a replica that could never be placed, then blame the app."""
     from serve.runner import free_port
