@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -38,6 +38,8 @@ _MAGIC = (
     (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
     (b"RIFF", "webp"),
 )
 
@@ -112,12 +114,14 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file
         raise ImageError("corrupt", f"{kind} header could not be parsed: no decoder recognises it") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed headers
-        raise ImageError("corrupt", f"{kind} header could not be parsed: {exc}") from None
+        code = "truncated" if "truncated" in str(exc).lower() else "corrupt"  # "Truncated File Read": cut in its header
+        raise ImageError(code, f"{kind} header could not be parsed: {exc}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError("too_large", f"{width}x{height} = {width * height} pixels exceeds the cap of {max_pixels}")
     if width == 0 or height == 0:
         raise ImageError("corrupt", f"image has no pixels ({width}x{height})")
+    samples = _int_samples(img)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -130,25 +134,61 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError(code, f"{kind} data could not be decoded: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageError("corrupt", f"{kind} data could not be decoded: {exc}") from None
-    return _to_unit_gray(img)
+    return _to_unit_gray(img, *samples)
 
 
-def _to_unit_gray(img: Image.Image) -> np.ndarray:
+def _int_samples(img: Image.Image) -> tuple[int, bool, bool]:
+    """(bits per sample, signed, white-is-zero) from a TIFF's tags (0, False, False otherwise).
+
+    Read before ``exif_transpose``, whose copy has no tags. Pillow reads signed and 32-bit TIFF
+    samples into int32 ("I") and inverts WhiteIsZero only for 8-bit data, so the tags say the rest.
+    """
+    tags = getattr(img, "tag_v2", None)
+    if not tags:
+        return 0, False, False
+
+    def first(tag: int, default: int) -> int:
+        value = tags.get(tag, default)
+        return int(value[0] if isinstance(value, tuple) else value)
+
+    return first(258, 0), first(339, 1) == 2, first(262, 1) == 0
+
+
+def _to_unit_gray(img: Image.Image, bits: int = 0, signed: bool = False, white_is_zero: bool = False) -> np.ndarray:
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # "I": 32-bit ints, as some PIL versions read 16-bit PNG
-        ints = np.asarray(img, dtype=np.uint16) if mode != "I" else np.clip(np.asarray(img, dtype=np.int32), 0, None)
-        out = ints.astype(np.float32)  # one float array per image, as for 8-bit data below
-        return np.divide(out, np.float32(stored_full_scale(int(ints.max(initial=0)))), out=out)
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        if not np.isfinite(arr).all():  # checked first: a NaN min/max would make the image a black one
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # "I": 32-bit ints (signed/32-bit TIFF; 16-bit PNG in some PILs)
+        if signed and 0 < bits <= 16:  # by the type's range, as a signed DICOM without a window: 0 is mid-grey
+            out = np.asarray(img, dtype=np.float32) + np.float32(2 ** (bits - 1))
+            full = 2**bits - 1
+        elif signed:  # int32: no useful type range (all of an image would be mid-grey): its own range
+            out = np.asarray(img, dtype=np.float64)
+            lo, hi = float(out.min()), float(out.max())
+            return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
+        else:
+            ints = np.asarray(img)
+            if mode == "I":
+                ints = ints.view(np.uint32) if bits == 32 else np.clip(ints, 0, None)  # uint32 was read as int32
+            out = ints.astype(np.float32)  # one float array per image, as for 8-bit data below
+            full = stored_full_scale(int(ints.max(initial=0)))
+        out = np.divide(out, np.float32(full), out=out)
+    elif mode == "F":
+        out = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(out).all():  # checked first: a NaN min/max would make the image a black one
             raise ImageError("corrupt", "image has non-finite pixel values (NaN or infinity)")
-        lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    if mode != "L":
-        img = img.convert("L")  # RGB/RGBA/LA/P/CMYK/YCbCr/1 -> ITU-R 601 luma, alpha dropped
-    arr = np.asarray(img).astype(np.float32)
-    return np.divide(arr, np.float32(255.0), out=arr)  # in place: one float array per image, not two
+        lo, hi = float(out.min()), float(out.max())
+        if lo < 0.0 or hi > 1.0:  # not in unit range (e.g. attenuation values): stretched by its own range
+            out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    else:
+        if mode != "L":
+            try:
+                img = img.convert("L")  # RGB/RGBA/LA/P/CMYK/YCbCr/1 -> ITU-R 601 luma, alpha dropped
+            except ValueError as exc:  # LAB, a float colour TIFF: a real image, just not one PIL greys
+                raise ImageError("unsupported", f"{mode} images cannot be converted to grey levels: {exc}") from None
+        out = np.asarray(img).astype(np.float32)
+        return np.divide(out, np.float32(255.0), out=out)  # in place: one float array per image, not two
+    if white_is_zero:  # PIL inverts 8-bit WhiteIsZero itself, not 16-bit, 32-bit or float samples
+        np.subtract(np.float32(1.0), out, out=out)
+    return out
 
 
 def stored_full_scale(brightest: int) -> int:
@@ -165,15 +205,20 @@ def stored_full_scale(brightest: int) -> int:
     return brightest
 
 
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
+
+
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=_forced(data))
     except Exception as exc:  # noqa: BLE001
         raise ImageError("dicom_invalid", f"DICOM could not be parsed: {exc}") from None
     if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise ImageError("unsupported", "DICOM with float pixel data (parametric maps) is not supported")
         raise ImageError("dicom_invalid", "DICOM has no pixel data")
     try:
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
@@ -190,29 +235,84 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("unsupported", f"DICOM pixel data cannot be decoded here: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageError("dicom_invalid", f"DICOM pixel data is unreadable: {exc}") from None
-    if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour DICOM (rare for X-ray)
-        raw = raw[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    elif raw.ndim != 2:
-        raise ImageError("unsupported", f"DICOM with {raw.ndim} dimensions (multi-frame?) is not supported")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     try:
-        arr = apply_modality_lut(raw, ds).astype(np.float64)
-        windowed = "WindowCenter" in ds and "WindowWidth" in ds
-        if windowed:
-            arr = apply_voi_lut(arr, ds).astype(np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on a VOI LUT over rescaled (float) values
+            if photometric == "PALETTE COLOR":  # indices into a colour palette (rare for X-ray)
+                rgb = apply_color_lut(raw, ds)
+                full = np.float32(np.iinfo(rgb.dtype).max if rgb.dtype.kind in "ui" else 1.0)
+                return np.clip(rgb[..., :3].astype(np.float32) @ _LUMA / full, 0.0, 1.0)
+            if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour DICOM
+                raw = raw[..., :3].astype(np.float32) @ _LUMA
+            elif raw.ndim != 2:
+                raise ImageError("unsupported", f"DICOM with {raw.ndim} dimensions (multi-frame?) is not supported")
+            modality, voi = _lut_item(ds, "ModalityLUTSequence"), _lut_item(ds, "VOILUTSequence")
+            lo, hi = _dicom_value_range(ds, modality)
+            arr = _apply_lut(raw, ds, modality) if modality else apply_modality_lut(raw, ds)  # LUT, else rescale
+            if voi:  # preferred over a window, as by pydicom and viewers
+                arr = _apply_lut(arr, ds, voi)
+                lo, hi = 0.0, float(2 ** int(voi.LUTDescriptor[2]) - 1)
+            elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+                arr = apply_windowing(arr, ds)  # into the modality range (pydicom's y_min..y_max)
+    except ImageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. WindowWidth 0, a LUT that does not fit the data
         raise ImageError("dicom_invalid", f"DICOM LUT could not be applied: {exc}") from None
-    if windowed:
-        lo, hi = float(arr.min()), float(arr.max())
-    else:  # scale by the stored bit depth, so a 16-bit copy of an 8-bit image scores the same
-        bits = int(ds.get("BitsStored", 16))
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
-        lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        lo, hi = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
-    out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(arr)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
-        out = 1.0 - out  # MONOCHROME1: high values are dark
-    return out.astype(np.float32)
+    if not hi > lo:
+        raise ImageError("dicom_invalid", f"DICOM values have no range ({lo:g} to {hi:g}): is RescaleSlope 0?")
+    out = np.array(arr, dtype=np.float32)  # one float32 copy, then in place: a 64 Mpx film is 256 MB, not 4x that
+    np.subtract(out, np.float32(lo), out=out)
+    np.divide(out, np.float32(hi - lo), out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    if photometric == "MONOCHROME1":  # high values are dark
+        np.subtract(np.float32(1.0), out, out=out)
+    return out
+
+
+def _lut_item(ds: Any, sequence: str) -> Any:
+    """The first item of a LUT sequence when it has a descriptor and data, else None."""
+    items = ds.get(sequence)
+    item = items[0] if items else None
+    return item if item is not None and item.get("LUTDescriptor") is not None and item.get("LUTData") is not None \
+        else None
+
+
+def _apply_lut(arr: np.ndarray, ds: Any, item: Any) -> np.ndarray:
+    """A modality or VOI LUT (PS3.3 C.11.1/C.11.2): values below the first mapped one take the first
+    entry, above the last the last. Ours, not pydicom's: pydicom 3.0's ``apply_voi`` indexes in the
+    LUT's output type, so an 8-bit LUT over 12-bit data wraps its indices at 256."""
+    entries, first, _ = item.LUTDescriptor
+    entries = int(entries) or 2**16
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: raw 16-bit words in the dataset's byte order
+        little = ds.original_encoding[1] is not False
+        table = np.frombuffer(data, dtype="<u2" if little else ">u2")[:entries]
+    else:
+        table = np.atleast_1d(np.asarray(data, dtype=np.int64))[:entries]
+    index = np.clip(np.floor(arr) - int(first), 0, len(table) - 1).astype(np.intp)
+    return table[index]
+
+
+def _dicom_value_range(ds: Any, modality: Any) -> tuple[float, float]:
+    """The range the modality stage's values can take, by the standard, not by this image's pixels.
+
+    A Modality LUT: 0..2^bits-1 of its descriptor; a rescale: the stored range through slope and
+    intercept; else the stored range by BitsStored and sign. A window maps into this same range
+    (pydicom's ``apply_windowing``); a VOI LUT into its own (0..2^bits-1 of its descriptor).
+    Normalising by it, and not by the pixels' own min/max, keeps a window preset from stretching
+    the film, a 16-bit copy of an 8-bit image scoring the same, and an image entirely above its
+    window white, not black.
+    """
+    if modality is not None:
+        return 0.0, float(2 ** int(modality.LUTDescriptor[2]) - 1)
+    bits = int(ds.get("BitsStored", 16))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:  # pydicom rescales only with both
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return float(lo), float(hi)
 
 
 def apply_clahe(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -276,7 +376,9 @@ def image_size_of(data: bytes) -> tuple[int, int] | None:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=_forced(data))
             return int(ds.Columns), int(ds.Rows)
         with Image.open(io.BytesIO(data)) as img:
-            return img.size
+            width, height = img.size
+            # as displayed (and scored): EXIF orientations 5-8 turn the stored image a quarter
+            return (height, width) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
     except Exception:  # noqa: BLE001
         return None
 

@@ -49,7 +49,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -481,14 +481,21 @@ def _matches(rel: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(rel, pattern.replace("**/", ""))
 
 
+class Listing(NamedTuple):
+    files: list[InputFile]
+    fs: pafs.FileSystem
+    not_images: int  # files that are not images by name or content (notes, manifests)
+    unnamed: int  # files whose names are not UTF-8: no row could name them, so they are counted and warned of
+
+
 def list_archive(archive: str, glob: str | None = None, limit: int | None = None,
-                 exclude: Iterable[str] = ()) -> tuple[list[InputFile], pafs.FileSystem, int]:
+                 exclude: Iterable[str] = ()) -> Listing:
     """Input files under ``archive`` (local folder, single file or pyarrow URI), sorted by path.
 
     A file is an input when its name has an image suffix, or when its first
     bytes are an image (``cxr.preprocess.detect_format``: e.g. DICOM without an
-    extension). Other files (notes, manifests) are ignored; their count is
-    returned third. ``--limit`` keeps the first N inputs of the sorted listing.
+    extension). Other files (notes, manifests) are ignored and counted, as are
+    files whose names are not UTF-8. ``--limit`` keeps the first N inputs of the sorted listing.
     """
     fs, root = open_fs(archive)
     prefix = uri_prefix(archive)
@@ -502,18 +509,19 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
     base = root
     try:
         if info.type == pafs.FileType.File:
-            named, ignored = _decodable([info])
+            named, unnamed = _decodable([info])
             base = str(PurePosixPath(root).parent)
         elif isinstance(fs, pafs.LocalFileSystem):
-            named, ignored = _walk_local(root, skip=exclude)
+            named, unnamed = _walk_local(root, skip=exclude)
         else:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            named, ignored = _decodable(i for i in infos if i.type == pafs.FileType.File)
+            named, unnamed = _decodable(i for i in infos if i.type == pafs.FileType.File)
     except CxrError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise CxrError(f"cannot list archive {archive}: {exc}") from None
     glob = _relative_glob(glob, base)
+    ignored = 0
     excluded = [e.rstrip("/") + "/" for e in exclude]
     files: list[InputFile] = []
     for fi in sorted(named, key=lambda i: i.path):
@@ -538,7 +546,7 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0), mtime_ns=settled))
         if limit is not None and len(files) >= limit:
             break
-    return files, fs, ignored
+    return Listing(files, fs, ignored, unnamed)
 
 
 def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo], int]:
@@ -607,7 +615,7 @@ def _decodable(infos: Iterable[pafs.FileInfo]) -> tuple[list[pafs.FileInfo], int
     """The files whose names are text, and how many are not (bytes that are not UTF-8).
 
     Arrow cannot name such a file (``FileInfo.path`` raises), so it cannot be read or
-    given a row; it is counted with the ignored files and named in one warning instead
+    given a row; it is counted (``Listing.unnamed``) and named in one warning instead
     of ending the listing with a traceback.
     """
     ok: list[pafs.FileInfo] = []
@@ -711,7 +719,7 @@ def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneum
 
 def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled: int, positives: int,
                      candidates: int, ignored: int, duration_s: float, model_id: str,
-                     model_version: str) -> dict[str, Any]:
+                     model_version: str, unnamed: int = 0) -> dict[str, Any]:
     """Figures of one run: scored now, skipped as already done, errors by code, throughput.
 
     ``processed`` rows were written by this run (scored + errors); every other
@@ -726,6 +734,7 @@ def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled
         "errors": errors,
         "errors_by_code": dict(sorted(errors_by_code.items())),
         "ignored_non_images": ignored,
+        "unnamed_files": unnamed,
         "positives": positives,
         "positive_rate": positives / labelled if labelled else 0.0,
         "duration_s": round(duration_s, 3),
@@ -746,6 +755,8 @@ def format_summary(s: Mapping[str, Any]) -> str:
     ]
     if s.get("ignored_non_images"):
         lines.append(f"ignored (not images by name or content): {s['ignored_non_images']}")
+    if s.get("unnamed_files"):
+        lines.append(f"NOT SCREENED: {s['unnamed_files']} file(s) whose names are not valid UTF-8; rename them")
     return "\n".join(lines)
 
 
@@ -766,6 +777,8 @@ def metrics_registry(s: Mapping[str, Any], success: bool = True):
         err.labels(code=code).set(s["errors_by_code"].get(code, 0))
     Gauge("cxr_screen_ignored_files", "Files under the archive that are not images (by name and content)",
           registry=reg).set(s.get("ignored_non_images", 0))
+    Gauge("cxr_screen_unnamed_files", "Files not screened because their names are not valid UTF-8",
+          registry=reg).set(s.get("unnamed_files", 0))
     # rates of a run that scored nothing are not 0 but unknown: left out, so a quiet night is a gap in a
     # panel, not a collapse to zero
     if s["scored"]:

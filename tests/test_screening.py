@@ -150,7 +150,7 @@ def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[P
     (tmp_path / "fake.png").write_bytes(b"plain text")  # image name: an input (becomes a not_image row)
     (tmp_path / "notes.txt").write_text("not an input")
     (tmp_path / "z.dcm").write_bytes(b"")
-    files, _, ignored = S.list_archive(str(tmp_path))
+    files, _, ignored, _ = S.list_archive(str(tmp_path))
     names = [Path(f.path).name for f in files]
     assert names == ["scan_without_extension", "Röntgen 1.jpeg", "fake.png", "z.dcm"]
     assert ignored == 1
@@ -201,7 +201,7 @@ def test_listing_follows_folder_links_once_and_never_loops(tmp_path: Path) -> No
     (archive / "results").mkdir()
     (archive / "results/part.png").write_bytes(b"x")
     (archive / "view").symlink_to(archive / "results")  # the output folder, reached through a link
-    files, _, ignored = S.list_archive(str(archive), exclude=[str(archive / "results")])
+    files, _, ignored, _ = S.list_archive(str(archive), exclude=[str(archive / "results")])
     assert [f.path for f in files] == [str(archive / "disk2/b.png"), str(archive / "sub/a.png")]
     assert ignored == 0
     assert [f.path for f in S.list_archive(str(archive), glob="./sub/*")[0]] == [str(archive / "sub/a.png")]
@@ -214,8 +214,8 @@ def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.Lo
     """Arrow cannot decode such a name; the listing must go on and say so, not end in a traceback."""
     (tmp_path / "ok.png").write_bytes(b"x")
     open(bytes(tmp_path) + b"/\xff\xfe.png", "wb").close()
-    files, _, ignored = S.list_archive(str(tmp_path))
-    assert [Path(f.path).name for f in files] == ["ok.png"] and ignored == 1
+    files, _, ignored, unnamed = S.list_archive(str(tmp_path))
+    assert [Path(f.path).name for f in files] == ["ok.png"] and (ignored, unnamed) == (0, 1)
     assert "not valid UTF-8" in caplog.text
 
 
@@ -275,7 +275,8 @@ def test_stored_true_labels_beat_folder_names_but_not_the_manifest(tmp_path: Pat
 
 def _summary() -> dict:
     return S.summarize_counts(processed=10, errors_by_code={"corrupt": 2, "empty": 1}, labelled=7, positives=3,
-                              candidates=15, ignored=1, duration_s=4.0, model_id="ab" * 32, model_version="v1")
+                              candidates=15, ignored=1, duration_s=4.0, model_id="ab" * 32, model_version="v1",
+                              unnamed=2)
 
 
 def test_summary_and_prometheus_text_round_trip(tmp_path: Path) -> None:
@@ -293,6 +294,8 @@ def test_summary_and_prometheus_text_round_trip(tmp_path: Path) -> None:
     assert errors["corrupt"] == 2 and errors["empty"] == 1 and errors["too_large"] == 0
     assert fams["cxr_screen_model_info"].samples[0].labels["model_id"] == "ab" * 32
     assert fams["cxr_screen_ignored_files"].samples[0].value == 1
+    assert fams["cxr_screen_unnamed_files"].samples[0].value == 2  # real files without a row: not "ignored"
+    assert "NOT SCREENED: 2 file(s) whose names are not valid UTF-8" in S.format_summary(s)
     assert not list(path.parent.glob("*.tmp*"))
 
 
