@@ -8,7 +8,10 @@ output, and manifests answer it the same way. No Ray, no torch.
 from __future__ import annotations
 
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -50,3 +53,26 @@ def child_uri(location: str, fs_path: str) -> str:
         return fs_path
     query = location.split("?", 1)[1] if "?" in location else ""
     return uri_prefix(location) + fs_path + (f"?{query}" if query else "")
+
+
+@contextmanager
+def writable_folder(location: str) -> Iterator[Path]:
+    """A local folder to write files into for ``location``: the folder itself when it is local; else a
+    temporary folder whose files are uploaded to the URI when the block ends without an error.
+
+    For writers that need real paths (matplotlib's PNGs, the HTML report): ``Path("s3://b/r")`` would
+    quietly make a local folder ``./s3:/b/r`` instead.
+    """
+    fs, root = open_fs(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(root)
+        return
+    with tempfile.TemporaryDirectory(prefix="cxr-upload-") as tmp:
+        yield Path(tmp)
+        upload_folder(Path(tmp), fs, root)
+
+
+def upload_folder(local: Path, fs: pafs.FileSystem, root: str) -> None:
+    """Copy a local folder's files under ``root`` of ``fs`` (replacing files of the same name)."""
+    fs.create_dir(root, recursive=True)
+    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
 from cxr.errors import CxrError
-from cxr.storage import is_local, open_fs, uri_prefix
+from cxr.storage import child_uri, is_local, open_fs, uri_prefix, writable_folder
 
 if TYPE_CHECKING:  # the decode workers need no model code
     from cxr.export import ModelMetadata
@@ -407,10 +407,7 @@ def _maybe_report(output: str, classes: list[str], labels: S.LabelIndex | None =
     except ImportError as exc:
         print(f"report skipped: cxr.report is not available ({exc})", file=sys.stderr)
         return None
-    fs, out_dir = open_fs(output)
-    if not isinstance(fs, pafs.LocalFileSystem):
-        print("report skipped: reports are written to local folders only (use `cxr report`)", file=sys.stderr)
-        return None
-    target = Path(out_dir) / S.REPORT_DIR
-    write_report(table, target, classes)
-    return str(target)
+    target = child_uri(output, f"{open_fs(output)[1]}/{S.REPORT_DIR}")  # s3://b/screens?region=x -> .../report?region=x
+    with writable_folder(target) as folder:
+        write_report(table, folder, classes)
+    return target

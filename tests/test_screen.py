@@ -301,6 +301,30 @@ def test_report_command_from_existing_results(screened, tmp_path) -> None:
     assert (screened["out"] / S.REPORT_DIR / "metrics.json").is_file()  # written by `cxr screen` itself
 
 
+def test_a_report_to_an_object_store_uri_is_uploaded_not_written_to_a_local_s3_folder(screened, tmp_path,
+                                                                                      monkeypatch) -> None:
+    """`--output s3://b/rep` used to write ./s3:/b/rep and say it wrote s3://b/rep. pyarrow's in-memory
+    mock:// filesystem stands in for the bucket (each URI opens a fresh one, so the upload itself is
+    checked on a real non-local filesystem below)."""
+    monkeypatch.chdir(tmp_path)
+    res = invoke("report", str(screened["out"]), "--output", "mock:///bucket/rep")
+    assert res.exit_code == 0, res.output
+    assert "report: mock:///bucket/rep" in res.output and not (tmp_path / "mock:").exists()
+    import pyarrow.fs as pafs
+
+    from cxr.storage import upload_folder, writable_folder
+
+    bucket = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    with writable_folder(str(tmp_path / "staged")) as folder:  # local: the folder itself
+        assert folder == tmp_path / "staged"
+        from cxr.report import write_report
+
+        write_report(S.read_results(str(screened["out"])), folder)
+    upload_folder(folder, bucket, "reports/nightly")
+    assert {i.base_name for i in bucket.get_file_info(pafs.FileSelector("reports/nightly"))} >= {"metrics.json",
+                                                                                                "report.html"}
+
+
 def test_a_rerun_with_corrected_labels_corrects_the_report(screened, tmp_path) -> None:
     """--labels applies to every current row, also rows an earlier run scored (and this one skips)."""
     out = screened["out"]

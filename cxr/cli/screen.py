@@ -201,7 +201,10 @@ def report_cmd(screen_dir: str, output: str, labels: str | None) -> None:
         if not index.manifest_rows(table):
             click.secho(f"warning: no result row's path or sha256 is in {labels} (its paths are relative to its own "
                         "folder); true labels are the ones the rows already had", fg="yellow", err=True)
-    metrics = write_report(table, output, classes)
+    from cxr.storage import writable_folder
+
+    with writable_folder(output) as folder:  # a URI: written here, then uploaded
+        metrics = write_report(table, folder, classes)
     known = table.num_rows - table.column("true_label").null_count
     click.echo(f"report: {output}  ({table.num_rows} rows, {known} with a true label)")
     click.echo(_brief(metrics))
