@@ -43,8 +43,10 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
         kwargs["_system_config"] = system_config
     for attempt in range(1, attempts + 1):
         try:
-            # the dashboard serves the State API that Ray Train's controller queries
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs)
+            # the dashboard serves the State API that Ray Train's controller queries; address="local": a new
+            # instance even where `ray start` left one running (Ray's default would join that one)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     **kwargs)
             return True
         except Exception as exc:  # noqa: BLE001
             ray.shutdown()

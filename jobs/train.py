@@ -308,6 +308,10 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     if not cfg.resume:
         (output / "metrics.jsonl").unlink(missing_ok=True)
 
+    if cfg.amp and not cfg.gpus and not cluster_address() and not cpu_has_fast_bf16():
+        print("note: this CPU has no native bf16 (AVX512-BF16/AMX), so training runs in fp32, ~2.3x slower per "
+              "image than the `cpu` preset's budget assumes (~90 min instead of ~40 on 2 cores); "
+              "--image-size 96 or fewer --epochs bring it back (BENCHMARKS.md, Training)", flush=True)
     started = init_ray()
     try:
         _check_resources(cfg)
