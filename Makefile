@@ -32,7 +32,7 @@ demo: setup
 	$(PY) -m jobs.demo
 
 test: setup
-	@test -d "$(CXR_SHARED)/data/chest_xray" || { echo "error: shared data not found at $(CXR_SHARED)/data/chest_xray (set SHARED=...)"; exit 2; }
+	@test -d "$(CXR_SHARED)/data/chest_xray" || { echo "error: shared data not found at $(CXR_SHARED)/data/chest_xray (set CXR_SHARED=/path/to/shared, the folder holding data/chest_xray)"; exit 2; }
 	$(PY) -m pytest -q --timeout=900 tests
 
 bench: setup

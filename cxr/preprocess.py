@@ -108,7 +108,7 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     if kind == "dicom":
         return _decode_dicom(data, max_pixels)
     if kind is None:
-        raise ImageError("not_image", "content is not a supported image (JPEG, PNG, DICOM, TIFF, BMP, WebP)")
+        raise ImageError("not_image", "content is not a supported image (JPEG, PNG, DICOM, TIFF, BMP, WebP, GIF)")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file

@@ -19,6 +19,7 @@ column          type        meaning
 =============== =========== ==================================================
 path            string      absolute local path, or full URI (s3://b/k.dcm)
 size_bytes      int64       file size
+mtime_ns        int64       modification time (ns) when settled (a minute old); null otherwise (v2)
 sha256          string      hex sha256 of the file content
 width, height   int32       image size from its header (null when unreadable)
 prob_<class>    float32     model probability per class (null on error rows)

@@ -416,7 +416,8 @@ class CxrModel:
             return files
         if single and (kind in RAW_TYPES or kind.startswith("image/")):
             return [(None, await self._read_body(request))]
-        accepted = "image/jpeg, image/png, application/dicom or multipart/form-data" if single else \
+        accepted = "image/* (JPEG, PNG, ...), application/dicom, application/octet-stream or multipart/form-data" \
+            if single else \
             "multipart/form-data with one part per image"
         raise ApiError(415, "unsupported_media_type", f"Content-Type {kind or '(none)'} is not accepted; send {accepted}")
 

@@ -122,11 +122,21 @@ HEADER = """\
 """
 
 
-def to_yaml(doc: dict[str, Any]) -> str:
-    """The document as YAML, key order kept (stable, diff-friendly)."""
+PRINTED_HEADER = """\
+# Ray Serve config for the cxr app, printed by `cxr serve --print-config` with the flags given.
+# Yours to edit (settings without a flag: overload status, Retry-After, health checks, timings);
+# then, on a running cluster (`ray start --head`, or KubeRay):  serve deploy THIS_FILE
+# There is no runtime_env: every node must run deploy/Dockerfile's image (cxr installed) and see the
+# model path ('' = $CXR_MODEL on the workers). The bearer token comes from $CXR_API_TOKEN on the
+# workers (never put it here).
+"""
+
+
+def to_yaml(doc: dict[str, Any], header: str = HEADER) -> str:
+    """The document as YAML, key order kept (stable, diff-friendly), under ``header``."""
     import yaml
 
-    return HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
 if __name__ == "__main__":  # python -m serve.schema > serve/config.yaml

@@ -123,6 +123,7 @@ def test_print_config_for_a_cluster_keeps_host_and_model_path(tmp_path: Path) ->
                                     "--print-config"])
     assert out.exit_code == 0, out.output
     doc = yaml.safe_load(out.output)
+    assert "do not edit" not in out.output and "serve deploy" in out.output  # the user's copy, to edit
     assert doc["http_options"]["host"] == "0.0.0.0"
     args = doc["applications"][0]["args"]
     assert args["model"] == current and args["cpus_per_replica"] == 2.0

@@ -69,7 +69,7 @@ def submit_cmd(command: str, args: tuple[str, ...], address: str | None, follow:
     \b
     Examples:
       export RAY_ADDRESS=http://ray-head:8265
-      cxr submit train --data /mnt/cxr/chest_xray --output /mnt/cxr/runs/r1 --workers 4 --gpus 1 --follow
+      cxr submit train --data /mnt/cxr/data/chest_xray --output /mnt/cxr/runs/r1 --workers 4 --gpus 1 --follow
       cxr submit screen s3://bucket/archive --model /mnt/cxr/runs/r1/model --output s3://bucket/screens/ --follow
       cxr submit --image-has-cxr train -- --preset gpu --data /mnt/data --output /mnt/runs/r2
     """

@@ -68,7 +68,8 @@ class _ProgressLine:
               help="Images per inference call; 0 = where the engine is fastest: 16 for torch-bf16 on a CPU, "
                    "32 for onnx and torch on a CPU, 64 on a GPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=_D.workers, show_default=True,
-              help="Inference actors; 0 = one per CPU (or per --gpus-per-worker share of the GPUs).")
+              help="Inference actors; 0 = one per CPU (or per --gpus-per-worker share of the GPUs). A small "
+                   "run gets fewer: at most one actor per 4 batches of new files.")
 @click.option("--threads-per-worker", type=click.IntRange(min=0), default=_D.threads_per_worker, show_default=True,
               help="Engine intra-op threads per actor; 0 = 1 (auto actors) or CPUs/actors (with --workers).")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=_D.gpus_per_worker, show_default=True,

@@ -81,7 +81,7 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
 
     \b
     Starts a local Ray instance (or joins the cluster at RAY_ADDRESS) and the app:
-      POST /v1/predict        one image: raw body (image/jpeg, image/png, application/dicom)
+      POST /v1/predict        one image: raw body (image/*, application/dicom, octet-stream)
                               or multipart field 'file'  ->  P(class), label, threshold, model id
       POST /v1/predict/batch  several images, multipart (one part each)
       GET  /v1/model          the export's metadata;  GET /healthz, /readyz;  /docs (OpenAPI)
@@ -104,9 +104,9 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
 
     runner.validate(cfg)  # what Serve would refuse (e.g. --max-queued-requests 0), in one line, before Ray starts
     if print_config:
-        from serve.schema import serve_config_document, to_yaml
+        from serve.schema import PRINTED_HEADER, serve_config_document, to_yaml
 
-        click.echo(to_yaml(serve_config_document(cfg)), nl=False)
+        click.echo(to_yaml(serve_config_document(cfg), PRINTED_HEADER), nl=False)
         return
     if not cfg.model:
         raise CxrError("--model is required (an export directory written by `cxr train`)")
