@@ -63,13 +63,19 @@ class ModelMetadata:
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import torchvision
+    """What produced the export: cxr, Python and the libraries whose numbers it depends on (installed
+    versions, read from package metadata: nothing more is imported)."""
+    from importlib import metadata
 
     from cxr import __version__
 
-    return {"cxr": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version()}
+    found = {"cxr": __version__, "python": platform.python_version()}
+    for package in ("torch", "torchvision", "numpy", "onnx", "onnxruntime", "pillow", "pydicom", "ray"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def sha256_file(path: str | Path) -> str:

@@ -54,6 +54,10 @@ def pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
                 "copy the file there, or pass --pretrained PATH (a state_dict) or --pretrained none"
             ) from None
     path = Path(os.path.expanduser(source))
+    from cxr.export import WEIGHTS  # here: cxr.export's loaders import this module
+
+    if path.is_dir() and (path / WEIGHTS).is_file():  # an export of ours: fine-tune from its weights
+        path = path / WEIGHTS
     if not path.is_file():
         raise CxrError(f"--pretrained: {source!r} is neither 'imagenet', 'none' nor an existing file")
     with path.open("rb") as f:  # torch.save writes a zip archive (a legacy one, a pickle)
@@ -97,6 +101,11 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for key in ("fc.weight", "fc.bias"):
         if key in state and state[key].shape != own[key].shape:
             del state[key]
+    mismatched = [k for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    if mismatched:  # load_state_dict(strict=False) still raises on these, with a page of torch's text
+        k = mismatched[0]
+        raise CxrError(f"--pretrained: not a ResNet-50 state_dict ({len(mismatched)} tensors of other shapes, e.g. "
+                       f"{k}: {tuple(state[k].shape)} where ResNet-50 has {tuple(own[k].shape)})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:

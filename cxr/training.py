@@ -159,21 +159,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
 
 
 class ProgressBar:
-    """A minimal batch progress bar for terminals (no extra dependency); silent elsewhere."""
+    """Progress inside an epoch: one plain line every ``every_s`` seconds (10 on a terminal, 60 in logs).
 
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.total, self.desc, self.enabled, self.start, self.last = total, desc, enabled, time.time(), 0.0
+    Whole lines, not a carriage-return bar: Ray forwards a worker's output line by line, each with its
+    own prefix, so a redrawn bar becomes a new line per update. The epoch's own line ends it.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool, every_s: float = 10.0) -> None:
+        self.total, self.desc, self.enabled, self.every_s = total, desc, enabled, every_s
+        self.start = self.last = time.time()
 
     def update(self, done: int, loss: float) -> None:
         now = time.time()
-        if not self.enabled or (now - self.last < 1.0 and done < self.total):
+        if not self.enabled or now - self.last < self.every_s or done >= self.total:
             return
         self.last = now
         rate = done / max(now - self.start, 1e-6)
-        bar = "#" * int(30 * done / self.total)
-        sys.stdout.write(f"\r{self.desc} [{bar:<30}] {done}/{self.total} loss {loss:.3f} {rate:.1f} it/s")
-        if done >= self.total:
-            sys.stdout.write("\n")
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        sys.stdout.write(f"{self.desc}: {done}/{self.total} steps, loss {loss:.3f}, {rate:.2f} steps/s, "
+                         f"~{left:.0f} s left\n")
         sys.stdout.flush()
 
 

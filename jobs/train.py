@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from cxr.data import (
     Sample, discover, fingerprint, saved_split, split_by_patient, stratified_subset, val_folds, write_split,
 )
 from cxr.errors import CxrError
-from cxr.export import ModelMetadata, save_export
+from cxr.export import METADATA, ModelMetadata, save_export
 from cxr.metrics import operating_point, validation_metrics
 from cxr.hardware import cpu_has_fast_bf16
 from cxr.model import build_model, load_backbone, pretrained_state_dict
@@ -133,8 +134,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     live_log = Path(config["output"]) / "metrics.jsonl" if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
+        # each epoch's random stream (augmentation, dropout) from (seed, epoch, rank) alone: a resumed run
+        # replays the epochs it lost as the uninterrupted run trained them, not as epoch 1's stream
+        seed_everything(cfg.seed + 1_000_003 * (epoch + 1) + rank)
         sampler.set_epoch(epoch)
-        bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0 and config.get("tty", False))
+        bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0,
+                          every_s=10.0 if config.get("tty", False) else 60.0)
         stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, amp, cfg.channels_last, ema,
                                 bar, config.get("max_steps"))
         eval_model = ema.module if ema is not None else plain
@@ -210,6 +215,30 @@ def _append_jsonl(path: Path | None, row: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- driver side
 
 
+def _check_files_exist(samples: list[Sample], probe: int = 200) -> None:
+    """Paths the manifest names but the driver cannot see: every one missing fails here in one line
+    (not in four worker tracebacks after Ray's retry); some missing is a warning (workers skip them).
+    Up to ``probe`` paths, spread over the list, so a network share is not walked twice."""
+    step = max(1, len(samples) // probe)
+    checked = samples[::step]
+    missing = [s.path for s in checked if not os.path.isfile(s.path)]
+    if missing and len(missing) == len(checked):
+        raise CxrError(f"none of the {len(checked)} training images checked exists, e.g. {missing[0]} (manifest paths "
+                       "are relative to the manifest's folder; on a cluster --data must be mounted on every node)")
+    if missing:
+        print(f"warning: {len(missing)} of {len(checked)} training images checked do not exist (e.g. {missing[0]}); "
+              "the workers skip unreadable images", flush=True)
+
+
+def _check_batch_fits(cfg: TrainConfig, n_train: int) -> None:
+    """Each worker drops its last partial batch: a shard smaller than one batch trains nothing at all."""
+    shard = n_train // cfg.workers
+    if shard < cfg.batch_size:
+        raise CxrError(f"--batch-size {cfg.batch_size} is more than the {shard} training images each of the "
+                       f"{cfg.workers} workers gets ({n_train} in all): no step would run; lower --batch-size or "
+                       "--workers, or train on more images (--limit)")
+
+
 def _check_resources(cfg: TrainConfig) -> None:
     """More workers than the cluster has would hang waiting for resources: fail fast instead."""
     if cluster_address():
@@ -227,9 +256,12 @@ def _storage(cfg: TrainConfig, output: Path) -> str:
     return str((output / "checkpoints").resolve())
 
 
-def _has_run(storage: str) -> bool:
+def _leftover_run_folder(storage: str) -> None:
+    """Remove what a run that never checkpointed left in ``storage`` (Ray's storage marker, a partial
+    checkpoint), so a new run there starts clean; the caller knows no complete checkpoint exists."""
     fs, root = open_fs(storage)
-    return fs.get_file_info(f"{root}/{RUN_NAME}").type != pafs.FileType.NotFound
+    if fs.get_file_info(f"{root}/{RUN_NAME}").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{root}/{RUN_NAME}")
 
 
 def complete_checkpoints(storage: str) -> Iterator[str]:
@@ -274,24 +306,30 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
                        f"cluster, a filesystem every node mounts), not a URI: {cfg.output}. Checkpoints go to "
                        "--storage, which takes s3:// and other pyarrow URIs")
     output = Path(cfg.output).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise CxrError(f"--output {cfg.output} is a file; give a folder for the run")
     cfg = _resumed_config(cfg, output, explicit) if cfg.resume else check_train_config(cfg)
     samples = stratified_subset(discover(cfg.data, "train"), cfg.limit, cfg.seed)
     for s in samples:
         s.target(cfg.task)  # unknown labels fail here, before any worker starts
+    _check_files_exist(samples)
     storage = _storage(cfg, output)
-    if _has_run(storage) and not cfg.resume:
-        raise CxrError(f"{storage}/{RUN_NAME} already holds a run: pass --resume to continue it, "
-                       "or choose another --output/--storage")
     resume_from = latest_checkpoint(storage) if cfg.resume else None
+    if not cfg.resume and (latest_checkpoint(storage) or (output / "model" / METADATA).is_file()):
+        raise CxrError(f"{output} already holds a run (a checkpoint in {storage}/{RUN_NAME} or an exported "
+                       "model): pass --resume to continue it, or choose another --output (and --storage)")
+    if resume_from is None:
+        _leftover_run_folder(storage)  # a start that failed before its first checkpoint blocks nothing
     split_file = output / "split.json"
     if resume_from and not split_file.is_file():
         raise CxrError(f"cannot --resume: {split_file} is missing, so the run's validation split is unknown")
-    reuse_split = cfg.resume and split_file.is_file()
+    reuse_split = resume_from is not None and split_file.is_file()
     if reuse_split:
         train, val = saved_split(split_file, samples)
         print(f"validation: the run's split ({split_file}): {len(val)} of {len(samples)} images", flush=True)
     else:
         train, val = split_by_patient(samples, cfg.val_fraction, cfg.seed, cfg.task)
+        _check_batch_fits(cfg, len(train))
         print(f"validation: {len(val)} of {len(samples)} images ({len(val) / len(samples):.1%}), "
               f"{len({s.patient_id for s in val})} patients (--val-fraction {cfg.val_fraction}: one fold of "
               f"{val_folds(cfg.val_fraction)}, by patient)", flush=True)
@@ -312,6 +350,8 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX), so training runs in fp32, ~2.3x slower per "
               "image than the `cpu` preset's budget assumes (~90 min instead of ~40 on 2 cores); "
               "--image-size 96 or fewer --epochs bring it back (BENCHMARKS.md, Training)", flush=True)
+    print(f"starting Ray and {cfg.workers} training worker(s); each reads its {len(train) // cfg.workers} images "
+          "before epoch 1 ...", flush=True)
     started = init_ray()
     try:
         _check_resources(cfg)
@@ -344,6 +384,10 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
             trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise CxrError(f"training failed: {_root_cause(exc)}") from None
+        except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run, then sys.exit()s
+            print(f"cxr train: interrupted; the checkpoints in {storage}/{RUN_NAME} are kept: continue with "
+                  f"cxr train --resume --data {cfg.data} --output {cfg.output}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt from None
         return _finish(cfg, output, storage, train, val, time.time() - t0)
     finally:
         if started:
@@ -351,14 +395,18 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
 
 
 def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfig:
-    """The config a ``--resume`` continues with: the run's config.json (else its newest checkpoint's)."""
+    """The config a ``--resume`` continues with: the run's config.json (else its newest checkpoint's).
+
+    A run without a complete checkpoint has nothing to continue (it failed before its first epoch
+    ended, e.g. on its flags): these flags start it over, so a RayJob whose entrypoint always says
+    --resume can be fixed by fixing its flags.
+    """
     path = output / "config.json"
-    if path.is_file():
-        saved = from_dict(TrainConfig, json.loads(path.read_text()))
-    else:
-        ckpt = latest_checkpoint(_storage(cfg, output))
-        if ckpt is None:
-            return check_train_config(cfg)  # no run to continue: a new one with these flags
+    saved = from_dict(TrainConfig, json.loads(path.read_text())) if path.is_file() else None
+    ckpt = latest_checkpoint(_storage(saved or cfg, output))
+    if ckpt is None:
+        return check_train_config(cfg)
+    if saved is None:
         saved = from_dict(TrainConfig, _load_state(ckpt)["config"])
     cfg = resume_config(saved, cfg, explicit)
     print(f"cxr train: --resume with the run's config: {describe_run(cfg)}", flush=True)

@@ -311,6 +311,14 @@ def test_unreadable_weights_and_offline_imagenet_fail_clearly(tmp_path: Path) ->
         build_model(2, str(tmp_path / "other.pth"))
     with pytest.raises(CxrError, match="neither"):
         build_model(2, str(tmp_path / "missing.pth"))
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "r18.pth")  # used to be torch's page-long RuntimeError
+    with pytest.raises(CxrError, match=r"not a ResNet-50 state_dict \(\d+ tensors of other shapes"):
+        build_model(2, str(tmp_path / "r18.pth"))
+    save_export(tmp_path / "export", build_model(2), ModelMetadata(classes=["normal", "pneumonia"]), graphs=False)
+    assert torch.equal(build_model(2, str(tmp_path / "export")).conv1.weight,  # an export of ours: its weights
+                       torch.load(tmp_path / "export" / "weights.pt")["conv1.weight"])
 
 
 def test_train_output_uri_is_refused_not_made_a_local_folder(tmp_path: Path, data_dir: Path, monkeypatch) -> None:

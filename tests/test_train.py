@@ -109,6 +109,13 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     again = TrainProcess(["--resume", *args], tmp / "again.log")
     procs.append(again)
     assert again.wait(timeout=600) == 0, again.output()[-3000:]
+    # bit for bit the run an uninterrupted process trains: each epoch's random stream is seeded by the epoch
+    # (a resume used to replay epoch 1's augmentation in the epochs it redid, and export other weights)
+    whole = TrainProcess(["--data", str(data_dir), "--output", str(tmp / "whole"), "--epochs", "3", *TINY],
+                         tmp / "whole.log")
+    procs.append(whole)
+    assert whole.wait(timeout=600) == 0, whole.output()[-3000:]
+    assert read_metadata(tmp / "whole" / "model").model_id == read_metadata(out / "model").model_id
     log = again.output()
     assert "resumed from checkpoint after epoch" in log
     resumed_after = int(log.split("resumed from checkpoint after epoch ")[1].split("/")[0])
@@ -158,6 +165,50 @@ def test_more_workers_than_the_machine_has_is_one_clear_line(run_dir, data_dir: 
     errors = [ln for ln in proc.output().splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "64 workers" in errors[0], proc.output()[-2000:]
     assert "Traceback" not in proc.output()
+
+
+def _train_error(tmp_path: Path, *args: str) -> str:
+    """Run `cxr train` that must fail before Ray starts: its one error line."""
+    proc = subprocess.run(CLI + ["train", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": "local", "CXR_RAY_TEMP_DIR": str(tmp_path / "ray")})
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "ray").exists()  # refused before Ray started
+    return errors[0]
+
+
+def test_runs_that_cannot_work_or_would_overwrite_fail_before_ray(tmp_path: Path, data_dir: Path) -> None:
+    """A batch bigger than a worker's shard trained nothing and exported an untrained model with exit 0; a
+    finished run whose checkpoints live elsewhere was overwritten; a manifest of missing files failed in four
+    worker tracebacks after Ray's retry."""
+    tiny = ["--preset", "tiny", "--limit", "32", "--image-size", "32", "--workers", "2"]
+    err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "a"), *tiny, "--batch-size", "64")
+    assert "--batch-size 64 is more than the 13 training images each of the 2 workers gets" in err, err
+    (tmp_path / "done" / "model").mkdir(parents=True)
+    (tmp_path / "done" / "model" / "metadata.json").write_text("{}")
+    err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "done"), *tiny,
+                       "--storage", str(tmp_path / "elsewhere"))
+    assert "already holds a run" in err and "--resume" in err, err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.csv").write_text("path,label\n" + "".join(f"gone{i}.jpeg,NORMAL\ngone_p{i}.jpeg,PNEUMONIA\n"
+                                                                    for i in range(8)))
+    err = _train_error(tmp_path, "--data", str(tmp_path / "m" / "manifest.csv"), "--output", str(tmp_path / "b"), *tiny)
+    assert "none of the 16 training images checked exists, e.g. " + str(tmp_path / "m" / "gone") in err, err
+
+
+def test_resume_of_a_run_without_a_checkpoint_starts_over_with_the_new_flags(tmp_path: Path) -> None:
+    """A first attempt that failed on its flags (e.g. --workers 3 on 2 CPUs) left config.json: --resume (the
+    RayJob's entrypoint always says it) refused the fixed flags as a change to the run."""
+    import dataclasses
+
+    from cxr.config import TrainConfig, save_json
+    from jobs.train import _resumed_config
+
+    out = tmp_path / "run"
+    save_json(TrainConfig(data="d", output=str(out), workers=3), out / "config.json")
+    (out / "checkpoints" / "train").mkdir(parents=True)  # Ray's storage marker folder, no checkpoint
+    fixed = dataclasses.replace(TrainConfig(data="d", output=str(out), workers=2), resume=True)
+    assert _resumed_config(fixed, out, explicit={"workers"}).workers == 2
 
 
 def test_missing_data_dir_fails_before_ray(tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ from cxr.config import TRAIN_PRESETS
 @click.option("--task", type=click.Choice(["binary", "subtype"]),
               help="binary = NORMAL/PNEUMONIA (default); subtype = normal/bacteria/virus from file names.")
 @click.option("--pretrained", metavar="imagenet|none|PATH",
-              help="Initial weights: torchvision ImageNet (cache or download), none, or a local state_dict.")
+              help="Initial weights: torchvision ImageNet (cache or download), none, a local state_dict file, or "
+                   "a cxr model export folder (fine-tune from its weights).")
 @click.option("--imbalance", type=click.Choice(["weights", "sampler", "none"]),
               help="Class imbalance: weighted loss, class-balanced sampling, or nothing.")
 @click.option("--storage", metavar="DIR|URI", help="Checkpoint storage (local dir or s3://, gs://...). "
@@ -44,7 +45,7 @@ from cxr.config import TRAIN_PRESETS
                    "(config.json, split.json); other flags may only change --cpus-per-worker, "
                    "--target-sensitivity and --early-stop-patience.")
 @click.option("--seed", type=int, help="Seed for the split, sampling and init.  [42]")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Share of patients held out for validation, approximately: "
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), help="Share of patients held out for validation, approximately: "
               "one fold of k, the nearest 1/k (0.15 -> 1/7).  [0.15]")
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True),
               help="Operating point: the threshold is set on validation for this sensitivity.  [0.98]")
