@@ -70,6 +70,41 @@ def entrypoint(command: str, args: Sequence[str]) -> str:
     return shlex.join(["python", "-m", "cxr.cli", command, *args])
 
 
+#: parameters of `cxr train` / `cxr screen` that name a place on the cluster
+_PLACES = {"train": ("data", "output", "storage", "pretrained"),
+           "screen": ("archive", "model", "output", "labels", "metrics_file")}
+
+
+def check_args(command: str, args: Sequence[str]) -> list[str]:
+    """Parse ARGS with the real `cxr COMMAND` here, before anything is uploaded: an unknown flag or a
+    missing argument is one line now, not a failed job after its environment was built (minutes). Returns
+    warnings for paths that would not mean on the cluster what they mean here."""
+    import click
+
+    from cxr.cli import main
+
+    entrypoint(command, args)  # its own checks first (a URI where a path must be)
+    try:
+        ctx = main.commands[command].make_context(command, list(args))
+    except click.exceptions.Exit:  # --help among ARGS: nothing to check
+        return []
+    except click.UsageError as exc:
+        raise CxrError(f"`cxr {command}` would refuse these arguments on the cluster: {exc.format_message()}") from None
+    warnings = []
+    if command == "train" and "--output" not in args and not any(a.startswith("--output=") for a in args):
+        warnings.append("no --output: the run would land in runs/latest inside the job's copy of this checkout on "
+                        "the cluster, which is deleted with the job; give a path on the shared filesystem")
+    for name in _PLACES[command]:
+        value = ctx.params.get(name)
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+            continue  # a default: said above where it matters
+        if isinstance(value, str) and value and value not in ("imagenet", "none") and not is_uri(value) \
+                and not value.startswith(("/", "~")):
+            warnings.append(f"{value!r} is a relative path: on the cluster it resolves inside the job's copy of "
+                            "this checkout (deleted with the job), not on the shared filesystem; give an absolute path")
+    return warnings
+
+
 def project_root(root: Path = PROJECT_ROOT) -> Path:
     """The checkout to ship as working_dir; a site-packages install has no project to ship."""
     if not (root / "pyproject.toml").is_file() or not (root / "cxr" / "__init__.py").is_file():

@@ -281,9 +281,11 @@ def test_dry_run_passes_args_verbatim_and_keeps_its_own_flags() -> None:
     env = spec["runtime_env"]
     assert env["working_dir"] == str(ROOT) and "uv" not in env and env["env_vars"]["A"] == "1"
     assert ".venv/" in env["excludes"]
-    # after `--`, even a name of submit's own options goes to the job
-    r = _cli("submit", "screen", "--dry-run", "--", "/a", "--model", "m", "--follow")
-    assert json.loads(r.stdout)["entrypoint"] == "python -m cxr.cli screen /a --model m --follow"
+    # after `--`, even a name of submit's own options goes to the job: here to `cxr screen`, which has no --follow
+    r = _cli("submit", "screen", "--dry-run", "--", "/a", "--model", "/m", "--follow")
+    assert r.exit_code == 2 and "would refuse these arguments" in r.stderr and "--follow" in r.stderr, r.output
+    r = _cli("submit", "screen", "--dry-run", "--", "/a", "--model", "/m", "--workers", "2")
+    assert json.loads(r.stdout)["entrypoint"] == "python -m cxr.cli screen /a --model /m --workers 2"
     # a path flag given a URI fails here, in one line, not on the cluster after the upload and the install
     for args in (["train", "--data", "s3://b/x"], ["train", "--output=gs://b/r"], ["screen", "s3://b/a", "-m", "s3://b/m"]):
         r = _cli("submit", *args, "--dry-run")
@@ -291,6 +293,11 @@ def test_dry_run_passes_args_verbatim_and_keeps_its_own_flags() -> None:
         assert len(r.stderr.strip().splitlines()) == 1
     r = _cli("submit", "screen", "s3://b/archive", "--model", "/mnt/m", "--output", "s3://b/out", "--dry-run")
     assert r.exit_code == 0, r.output  # archive and results may be URIs
+    # the real CLI parses ARGS here: a typo fails now, not after the cluster built the job's environment
+    r = _cli("submit", "train", "--data", "/mnt/x", "--output", "/mnt/r", "--epoch", "3", "--dry-run")
+    assert r.exit_code == 2 and "would refuse these arguments" in r.stderr and "--epoch" in r.stderr, r.output
+    r = _cli("submit", "train", "--data", "../shared/x", "--dry-run")  # relative, and no --output: said
+    assert r.exit_code == 0 and "'../shared/x' is a relative path" in r.stderr and "no --output" in r.stderr, r.output
 
 
 def test_locked_runtime_env_pins_every_direct_dependency() -> None:

@@ -76,6 +76,8 @@ def submit_cmd(command: str, args: tuple[str, ...], address: str | None, follow:
     from jobs import submit as js
 
     env = js.parse_env(env_pairs)
+    for warning in js.check_args(command, args):
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
     if dry_run:
         spec = {"entrypoint": js.entrypoint(command, args),
                 "runtime_env": js.runtime_env(image_has_cxr=image_has_cxr, env=env)}
