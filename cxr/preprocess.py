@@ -377,10 +377,25 @@ def image_size_of(data: bytes) -> tuple[int, int] | None:
             return int(ds.Columns), int(ds.Rows)
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            # as displayed (and scored): EXIF orientations 5-8 turn the stored image a quarter
-            return (height, width) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
+            return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1 = as stored; 5-8 turn the image a quarter) from the header alone.
+
+    Not ``getexif()``: for a PNG without an early eXIf chunk it decodes every pixel (a bomb's too)."""
+    try:
+        if img.format == "TIFF":
+            return int(img.tag_v2.get(0x0112, 1))
+        if "exif" in img.info:
+            exif = Image.Exif()
+            exif.load(img.info["exif"])
+            return int(exif.get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF: as stored
+        pass
+    return 1
 
 
 def make_train_augment(cfg: AugmentConfig) -> Augment:

@@ -254,7 +254,7 @@ def test_explicit_address_wins_over_ray_address(head: Head) -> None:
 
 def test_unreachable_address_is_one_line() -> None:
     (port,) = _free_ports(1)
-    for args in (["jobs", "list"], ["submit", "train", "--data", "x"], ["jobs", "status", "x"]):
+    for args in (["jobs", "list"], ["submit", "train", "--data", "/mnt/x", "--output", "/mnt/r"], ["jobs", "status", "x"]):
         r = _cli(*args, env={"RAY_ADDRESS": f"http://127.0.0.1:{port}"})
         assert r.exit_code == 2
         assert r.stderr.startswith(f"error: cannot reach a Ray cluster at http://127.0.0.1:{port}")

@@ -274,8 +274,8 @@ def test_no_readable_training_image_is_one_clear_line(run_dir, data_dir: Path) -
     manifest = _manifest_data(tmp / "data", data_dir, per_class=5)
     for p in manifest.parent.glob("*.jpeg"):
         p.write_bytes(b"")
-    proc = TrainProcess(["--data", str(manifest), "--output", str(tmp / "run"), *TINY, "--val-fraction", "0.2"],
-                        tmp / "run.log")
+    proc = TrainProcess(["--data", str(manifest), "--output", str(tmp / "run"), *TINY, "--val-fraction", "0.2",
+                         "--batch-size", "4"], tmp / "run.log")
     procs.append(proc)
     assert proc.wait(timeout=600) == 2
     errors = [ln for ln in proc.output().splitlines() if ln.startswith("error:")]
