@@ -456,13 +456,22 @@ def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], v
     classes = cfg.classes
     val_at_thr = operating_point(best["val_probs"], best["val_targets"], classes, cfg.target_sensitivity)
     threshold = val_at_thr["threshold"]
+    n_val = int(len(best["val_targets"]))
+    n_pos = int((np.asarray(best["val_targets"]) != list(classes).index("normal")).sum())
+    rule = (f"the highest threshold on the pneumonia score (P(not normal)) that keeps sensitivity >= "
+            f"{cfg.target_sensitivity} on the run's {n_val} validation images ({n_pos} positive) as scored at "
+            f"epoch {best['epoch']}, the epoch chosen by validation AUC on the same images: in-sample figures")
+    if n_pos < 50:
+        print(f"note: only {n_pos} validation positives: the threshold for sensitivity {cfg.target_sensitivity} rests "
+              f"on a few films (specificity there {val_at_thr['specificity']:.3f}); validate on more data before use",
+              flush=True)
     epoch_metrics = next(h for h in history if h["epoch"] == best["epoch"]) if history else {}
     meta = save_export(output / "model", model.eval(), ModelMetadata(
         classes=list(classes), task=cfg.task, preprocess=cfg.preprocess, threshold=threshold,
         target_sensitivity=cfg.target_sensitivity, model_version=f"{output.name}-epoch{best['epoch']}",
         data_fingerprint=fingerprint(train + val),
         val_metrics={**val_at_thr, "auc_epoch": epoch_metrics.get("val_auc"), "epoch": best["epoch"],
-                     "n_val": int(len(best["val_targets"]))},
+                     "n_val": n_val, "n_val_positive": n_pos, "threshold_rule": rule},
         train_config=to_dict(cfg),
     ))
     with open(output / "metrics.jsonl", "w") as f:
