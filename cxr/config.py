@@ -85,7 +85,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     imbalance: Literal["weights", "sampler", "none"] = "weights"
-    pretrained: str = "none"  # imagenet | none | PATH to a state_dict
+    pretrained: str = "none"  # imagenet | none | PATH to a state_dict file or a cxr export folder
     limit: int | None = None  # use at most N training images (smoke runs)
     val_fraction: float = 0.15
     seed: int = 42
@@ -292,18 +292,21 @@ def check_train_config(cfg: TrainConfig) -> TrainConfig:
 RESUME_MAY_CHANGE = ("data", "output", "resume", "cpus_per_worker", "target_sensitivity", "early_stop_patience")
 
 
-def resume_config(saved: TrainConfig, given: TrainConfig, explicit: Any = None) -> TrainConfig:
+def resume_config(saved: TrainConfig, given: TrainConfig, explicit: Any = None, strict: bool = True) -> TrainConfig:
     """The config a ``--resume`` continues with: the run's ``saved`` one, plus the allowed flags.
 
     ``explicit`` names the flags the user passed (``None``: every field of ``given`` counts). A
     passed flag that differs from the saved run, outside :data:`RESUME_MAY_CHANGE`, is an error
-    listing every such difference.
+    listing every such difference. ``strict=False`` (a run with no checkpoint yet, started over)
+    applies every passed flag instead; a passed ``--preset`` takes ``given`` whole.
     """
     from cxr.errors import CxrError
 
     pre_fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
     train_fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    diffs, changes = [], {}
+    if not strict and (explicit is None or "preset" in explicit):
+        return dataclasses.replace(given, resume=True)
+    diffs, changes, pre_changes = [], {}, {}
     for name in train_fields if explicit is None else sorted(explicit):
         if name in pre_fields:
             old, new = getattr(saved.preprocess, name), getattr(given.preprocess, name)
@@ -311,14 +314,15 @@ def resume_config(saved: TrainConfig, given: TrainConfig, explicit: Any = None) 
             old, new = getattr(saved, name), getattr(given, name)
         else:
             continue
-        if name in RESUME_MAY_CHANGE:
-            changes[name] = new
+        if name in RESUME_MAY_CHANGE or not strict:
+            (pre_changes if name in pre_fields else changes)[name] = new
         elif old != new:
             diffs.append(f"--{name.replace('_', '-')} {_show(new)} (the run has {_show(old)})")
     if diffs:
         raise CxrError("--resume continues the run with its saved config (config.json); these flags differ from it: "
                        + "; ".join(diffs) + ". Drop them, or start a new run with another --output")
-    return dataclasses.replace(saved, **{**changes, "output": given.output, "data": given.data, "resume": True})
+    out = dataclasses.replace(saved, **{**changes, "output": given.output, "data": given.data, "resume": True})
+    return dataclasses.replace(out, preprocess=dataclasses.replace(out.preprocess, **pre_changes)) if pre_changes else out
 
 
 def _show(value: Any) -> str:

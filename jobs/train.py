@@ -135,7 +135,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         # each epoch's random stream (augmentation, dropout) from (seed, epoch, rank) alone: a resumed run
-        # replays the epochs it lost as the uninterrupted run trained them, not as epoch 1's stream
+        # replays the epochs it lost as the uninterrupted run trained them, not as epoch 1's stream. Bit for
+        # bit with CPU workers; GPU workers' persistent loader processes keep the streams they were started with
         seed_everything(cfg.seed + 1_000_003 * (epoch + 1) + rank)
         sampler.set_epoch(epoch)
         bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0,
@@ -256,12 +257,22 @@ def _storage(cfg: TrainConfig, output: Path) -> str:
     return str((output / "checkpoints").resolve())
 
 
-def _leftover_run_folder(storage: str) -> None:
-    """Remove what a run that never checkpointed left in ``storage`` (Ray's storage marker, a partial
-    checkpoint), so a new run there starts clean; the caller knows no complete checkpoint exists."""
+#: what Ray Train writes in a run folder besides checkpoint_* folders
+_RAY_TRAIN_FILES = frozenset({".validate_storage_marker", "checkpoint_manager_snapshot.json"})
+
+
+def _foreign_file(storage: str) -> str | None:
+    """A file in the run folder under ``storage`` that Ray Train did not write, if any.
+
+    A run that never checkpointed leaves Ray's marker there, which must not block the next start;
+    anything else (a dataset's own ``train/`` split, when --storage names the data by mistake) is
+    not ours: never written into, never deleted."""
     fs, root = open_fs(storage)
-    if fs.get_file_info(f"{root}/{RUN_NAME}").type == pafs.FileType.Directory:
-        fs.delete_dir(f"{root}/{RUN_NAME}")
+    for info in fs.get_file_info(pafs.FileSelector(f"{root}/{RUN_NAME}", allow_not_found=True)):
+        if info.base_name not in _RAY_TRAIN_FILES and not (
+                info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")):
+            return info.path
+    return None
 
 
 def complete_checkpoints(storage: str) -> Iterator[str]:
@@ -318,8 +329,10 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     if not cfg.resume and (latest_checkpoint(storage) or (output / "model" / METADATA).is_file()):
         raise CxrError(f"{output} already holds a run (a checkpoint in {storage}/{RUN_NAME} or an exported "
                        "model): pass --resume to continue it, or choose another --output (and --storage)")
-    if resume_from is None:
-        _leftover_run_folder(storage)  # a start that failed before its first checkpoint blocks nothing
+    foreign = _foreign_file(storage) if resume_from is None else None
+    if foreign:
+        raise CxrError(f"--storage {storage}: {storage}/{RUN_NAME} holds {foreign}, which is not a cxr training "
+                       "run's; give each run its own --storage folder")
     split_file = output / "split.json"
     if resume_from and not split_file.is_file():
         raise CxrError(f"cannot --resume: {split_file} is missing, so the run's validation split is unknown")
@@ -343,7 +356,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     save_json(dataclasses.replace(cfg, resume=False), output / "config.json")  # the run's config, not this call's
     if not reuse_split:
         write_split(split_file, cfg.seed, cfg.val_fraction, train, val)
-    if not cfg.resume:
+    if resume_from is None:  # a new run, or a --resume with nothing to continue
         (output / "metrics.jsonl").unlink(missing_ok=True)
 
     if cfg.amp and not cfg.gpus and not cluster_address() and not cpu_has_fast_bf16():
@@ -385,8 +398,9 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
         except ray.train.TrainingFailedError as exc:
             raise CxrError(f"training failed: {_root_cause(exc)}") from None
         except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run, then sys.exit()s
-            print(f"cxr train: interrupted; the checkpoints in {storage}/{RUN_NAME} are kept: continue with "
-                  f"cxr train --resume --data {cfg.data} --output {cfg.output}", file=sys.stderr, flush=True)
+            kept = "the checkpoints are kept" if latest_checkpoint(storage) else "no epoch had finished"
+            print(f"cxr train: interrupted ({kept}): continue with cxr train --resume --data {cfg.data} "
+                  f"--output {cfg.output}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt from None
         return _finish(cfg, output, storage, train, val, time.time() - t0)
     finally:
@@ -405,7 +419,11 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfi
     saved = from_dict(TrainConfig, json.loads(path.read_text())) if path.is_file() else None
     ckpt = latest_checkpoint(_storage(saved or cfg, output))
     if ckpt is None:
-        return check_train_config(cfg)
+        if saved is None:
+            return check_train_config(cfg)
+        print("cxr train: --resume: the run has no checkpoint yet: starting it over with its config.json and the "
+              "flags given", flush=True)
+        return check_train_config(resume_config(saved, cfg, explicit, strict=False))
     if saved is None:
         saved = from_dict(TrainConfig, _load_state(ckpt)["config"])
     cfg = resume_config(saved, cfg, explicit)

@@ -189,6 +189,11 @@ def test_runs_that_cannot_work_or_would_overwrite_fail_before_ray(tmp_path: Path
     err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "done"), *tiny,
                        "--storage", str(tmp_path / "elsewhere"))
     assert "already holds a run" in err and "--resume" in err, err
+    dataset = tmp_path / "dataset"  # --storage naming the data by mistake: its train/ split is not a run's folder
+    (dataset / "train" / "NORMAL").mkdir(parents=True)
+    (dataset / "train" / "NORMAL" / "a.jpeg").write_bytes(b"x")
+    err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "c"), *tiny, "--storage", str(dataset))
+    assert "which is not a cxr training run's" in err and (dataset / "train" / "NORMAL" / "a.jpeg").is_file(), err
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.csv").write_text("path,label\n" + "".join(f"gone{i}.jpeg,NORMAL\ngone_p{i}.jpeg,PNEUMONIA\n"
                                                                     for i in range(8)))
@@ -205,10 +210,11 @@ def test_resume_of_a_run_without_a_checkpoint_starts_over_with_the_new_flags(tmp
     from jobs.train import _resumed_config
 
     out = tmp_path / "run"
-    save_json(TrainConfig(data="d", output=str(out), workers=3), out / "config.json")
     (out / "checkpoints" / "train").mkdir(parents=True)  # Ray's storage marker folder, no checkpoint
+    save_json(TrainConfig(data="d", output=str(out), workers=3, epochs=7), out / "config.json")
     fixed = dataclasses.replace(TrainConfig(data="d", output=str(out), workers=2), resume=True)
-    assert _resumed_config(fixed, out, explicit={"workers"}).workers == 2
+    resumed = _resumed_config(fixed, out, explicit={"workers"})
+    assert resumed.workers == 2 and resumed.epochs == 7  # the fixed flag over the run's own config, not defaults
 
 
 def test_missing_data_dir_fails_before_ray(tmp_path: Path) -> None:
