@@ -172,7 +172,7 @@ def _to_unit_gray(img: Image.Image, bits: int = 0, signed: bool = False, white_i
             full = stored_full_scale(int(ints.max(initial=0)))
         out = np.divide(out, np.float32(full), out=out)
     elif mode == "F":
-        out = np.asarray(img, dtype=np.float32)
+        out = np.array(img, dtype=np.float32)  # a copy: PIL's buffer is read-only, and WhiteIsZero inverts in place
         if not np.isfinite(out).all():  # checked first: a NaN min/max would make the image a black one
             raise ImageError("corrupt", "image has non-finite pixel values (NaN or infinity)")
         lo, hi = float(out.min()), float(out.max())
@@ -241,7 +241,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("ignore")  # pydicom warns on a VOI LUT over rescaled (float) values
             if photometric == "PALETTE COLOR":  # indices into a colour palette (rare for X-ray)
                 rgb = apply_color_lut(raw, ds)
-                full = np.float32(np.iinfo(rgb.dtype).max if rgb.dtype.kind in "ui" else 1.0)
+                full = np.float32(_lut_full_scale(int(np.iinfo(rgb.dtype).bits), int(rgb.max(initial=0)))
+                                  if rgb.dtype.kind in "ui" else 1.0)
                 return np.clip(rgb[..., :3].astype(np.float32) @ _LUMA / full, 0.0, 1.0)
             if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour DICOM
                 raw = raw[..., :3].astype(np.float32) @ _LUMA
@@ -249,12 +250,19 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
                 raise ImageError("unsupported", f"DICOM with {raw.ndim} dimensions (multi-frame?) is not supported")
             modality, voi = _lut_item(ds, "ModalityLUTSequence"), _lut_item(ds, "VOILUTSequence")
             lo, hi = _dicom_value_range(ds, modality)
-            arr = _apply_lut(raw, ds, modality) if modality else apply_modality_lut(raw, ds)  # LUT, else rescale
+            if modality:
+                table, first = _lut_table(ds, modality)
+                arr = _apply_lut(raw, table, first)
+            else:
+                arr = apply_modality_lut(raw, ds)  # the rescale, when there is one
             if voi:  # preferred over a window, as by pydicom and viewers
-                arr = _apply_lut(arr, ds, voi)
-                lo, hi = 0.0, float(2 ** int(voi.LUTDescriptor[2]) - 1)
+                table, first = _lut_table(ds, voi)
+                arr = _apply_lut(arr, table, first)
+                lo, hi = 0.0, float(_lut_full_scale(int(voi.LUTDescriptor[2]), int(table.max(initial=0))))
             elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
                 arr = apply_windowing(arr, ds)  # into the modality range (pydicom's y_min..y_max)
+            elif modality:  # the LUT's own output range, as for a VOI LUT
+                lo, hi = 0.0, float(_lut_full_scale(int(modality.LUTDescriptor[2]), int(table.max(initial=0))))
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. WindowWidth 0, a LUT that does not fit the data
@@ -278,28 +286,38 @@ def _lut_item(ds: Any, sequence: str) -> Any:
         else None
 
 
-def _apply_lut(arr: np.ndarray, ds: Any, item: Any) -> np.ndarray:
-    """A modality or VOI LUT (PS3.3 C.11.1/C.11.2): values below the first mapped one take the first
-    entry, above the last the last. Ours, not pydicom's: pydicom 3.0's ``apply_voi`` indexes in the
-    LUT's output type, so an 8-bit LUT over 12-bit data wraps its indices at 256."""
+def _lut_table(ds: Any, item: Any) -> tuple[np.ndarray, int]:
+    """A modality or VOI LUT item's entries and its first mapped input value."""
     entries, first, _ = item.LUTDescriptor
     entries = int(entries) or 2**16
     data = item.LUTData
     if isinstance(data, bytes):  # OW: raw 16-bit words in the dataset's byte order
         little = ds.original_encoding[1] is not False
-        table = np.frombuffer(data, dtype="<u2" if little else ">u2")[:entries]
-    else:
-        table = np.atleast_1d(np.asarray(data, dtype=np.int64))[:entries]
-    index = np.clip(np.floor(arr) - int(first), 0, len(table) - 1).astype(np.intp)
+        return np.frombuffer(data, dtype="<u2" if little else ">u2")[:entries], int(first)
+    return np.atleast_1d(np.asarray(data, dtype=np.int64))[:entries], int(first)
+
+
+def _apply_lut(arr: np.ndarray, table: np.ndarray, first: int) -> np.ndarray:
+    """A LUT (PS3.3 C.11.1/C.11.2): values below the first mapped one take the first entry, above the
+    last the last. Ours, not pydicom's: pydicom 3.0's ``apply_voi`` indexes in the LUT's output type,
+    so an 8-bit LUT over 12-bit data wraps its indices at 256."""
+    index = np.clip(np.floor(arr) - first, 0, len(table) - 1).astype(np.intp)
     return table[index]
+
+
+def _lut_full_scale(declared_bits: int, largest_entry: int) -> int:
+    """A LUT's output full scale: its descriptor's bits, unless its entries fit fewer (a 12-bit table
+    declared 16, which DCMTK, too, treats as informational): else a film 16x too dark."""
+    return min(2**declared_bits - 1, stored_full_scale(largest_entry))
 
 
 def _dicom_value_range(ds: Any, modality: Any) -> tuple[float, float]:
     """The range the modality stage's values can take, by the standard, not by this image's pixels.
 
-    A Modality LUT: 0..2^bits-1 of its descriptor; a rescale: the stored range through slope and
+    A Modality LUT: 0..2^bits-1 of its descriptor (as pydicom's window assumes; without a window the
+    LUT's own full scale, :func:`_lut_full_scale`); a rescale: the stored range through slope and
     intercept; else the stored range by BitsStored and sign. A window maps into this same range
-    (pydicom's ``apply_windowing``); a VOI LUT into its own (0..2^bits-1 of its descriptor).
+    (pydicom's ``apply_windowing``); a VOI LUT into its own (:func:`_lut_full_scale`).
     Normalising by it, and not by the pixels' own min/max, keeps a window preset from stretching
     the film, a 16-bit copy of an 8-bit image scoring the same, and an image entirely above its
     window white, not black.

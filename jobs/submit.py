@@ -91,9 +91,9 @@ def check_args(command: str, args: Sequence[str]) -> list[str]:
     except click.UsageError as exc:
         raise CxrError(f"`cxr {command}` would refuse these arguments on the cluster: {exc.format_message()}") from None
     warnings = []
-    if command == "train" and "--output" not in args and not any(a.startswith("--output=") for a in args):
-        warnings.append("no --output: the run would land in runs/latest inside the job's copy of this checkout on "
-                        "the cluster, which is deleted with the job; give a path on the shared filesystem")
+    if ctx.get_parameter_source("output") is not click.core.ParameterSource.COMMANDLINE:
+        warnings.append(f"no --output: the results would land in {ctx.params['output']} inside the job's copy of this "
+                        "checkout on the cluster, which is deleted with the job; give a path on the shared filesystem")
     for name in _PLACES[command]:
         value = ctx.params.get(name)
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:

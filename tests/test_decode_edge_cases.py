@@ -112,6 +112,8 @@ def test_tiff_samples_pil_does_not_scale_are_read_by_their_tags() -> None:
     assert (signed > 0).all()
     u32 = decode_image(_raw_tiff(np.round(RAMP * 4e9).astype("<u4")))
     np.testing.assert_allclose(u32, RAMP, atol=1e-4)
+    unit_float = decode_image(_raw_tiff((0.8 - 0.6 * RAMP).astype("<f4"), photometric=0, sample_format=3))
+    np.testing.assert_allclose(unit_float, 0.2 + 0.6 * RAMP, atol=1e-6)  # was `corrupt`: inverted in a read-only buffer
 
 
 def test_float_images_in_unit_range_are_taken_as_they_are() -> None:
@@ -146,6 +148,9 @@ def test_dicom_is_normalised_by_its_lut_stages_range_not_its_pixels(make_dicom) 
     curve = lut(np.round(np.sqrt(np.arange(4096) / 4095) * 4095), 12)
     np.testing.assert_allclose(decode_image(make_dicom(full, VOILUTSequence=[curve], **twelve)), np.sqrt(RAMP),
                                atol=2e-3)
+    declared_16 = lut(np.round(np.sqrt(np.arange(4096) / 4095) * 4095), 16)  # 12-bit entries, descriptor says 16
+    np.testing.assert_allclose(decode_image(make_dicom(full, VOILUTSequence=[declared_16], **twelve)),
+                               np.sqrt(RAMP), atol=2e-3)  # by the table's own full scale: not 16x too dark
     modality = lut(np.arange(4096) // 16, 8)
     modality.ModalityLUTType = "US"
     np.testing.assert_allclose(decode_image(make_dicom(full, ModalityLUTSequence=[modality], **twelve)), RAMP,
