@@ -72,9 +72,41 @@ class XrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images.data)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """``key``: an index, or (seed, index) from :class:`EpochSeeded`: the augmentation's random draws
+        then come from that seed, whichever process (and after whichever restart) loads the sample."""
+        if isinstance(key, tuple):
+            seed, i = key
+            torch.manual_seed(seed)
+        else:
+            i = key
         img = decode_image(self.images.data[i], self.cfg.max_pixels)
         return torch.from_numpy(to_model_input(img, self.cfg, self.augment)), self.images.targets[i]
+
+
+class EpochSeeded(Sampler[tuple[int, int]]):
+    """A training sampler's indices, each paired with a seed from (seed, epoch, rank, position).
+
+    DataLoader processes are seeded once when they start and (persistent) live across epochs, so
+    reseeding the trainer each epoch does not reach them: a resumed run would augment its redone
+    epochs differently from the run it continues. Seeding each sample instead makes a resumed run
+    train bit for bit what an uninterrupted one does, with any number of loader processes.
+    """
+
+    def __init__(self, sampler: Sampler[int], seed: int, rank: int) -> None:
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, i in enumerate(self.sampler):
+            seed = np.random.SeedSequence([self.seed, self.epoch, self.rank, position]).generate_state(1)[0]
+            yield int(seed), int(i)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
 
 
 class DistributedBalancedSampler(Sampler[int]):

@@ -41,7 +41,7 @@ from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
 from cxr.storage import child_uri, is_uri, open_fs
 from cxr.training import (
-    DistributedBalancedSampler, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
+    DistributedBalancedSampler, EpochSeeded, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
     checkpoint_rank, class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
 )
 from jobs.common import cluster_address, init_ray
@@ -86,10 +86,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_ds = XrayDataset(val_imgs, cfg.preprocess)
 
     if cfg.imbalance == "sampler":
-        sampler: torch.utils.data.Sampler = DistributedBalancedSampler(train_imgs.targets, rank, world, cfg.seed)
+        shard: torch.utils.data.Sampler = DistributedBalancedSampler(train_imgs.targets, rank, world, cfg.seed)
     else:
-        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=cfg.seed, drop_last=True)
+        shard = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                    seed=cfg.seed, drop_last=True)
+    sampler = EpochSeeded(shard, cfg.seed, rank)  # each sample's augmentation seeded: resumes repeat it exactly
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=config.get("loader_workers", 0), pin_memory=device.type == "cuda",
                                          persistent_workers=config.get("loader_workers", 0) > 0)
@@ -134,9 +135,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     live_log = Path(config["output"]) / "metrics.jsonl" if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        # each epoch's random stream (augmentation, dropout) from (seed, epoch, rank) alone: a resumed run
-        # replays the epochs it lost as the uninterrupted run trained them, not as epoch 1's stream. Bit for
-        # bit with CPU workers; GPU workers' persistent loader processes keep the streams they were started with
+        # the trainer's own random stream from (seed, epoch, rank) too (augmentation is seeded per sample,
+        # EpochSeeded): a resumed run replays the epochs it lost as the uninterrupted run trained them
         seed_everything(cfg.seed + 1_000_003 * (epoch + 1) + rank)
         sampler.set_epoch(epoch)
         bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", rank == 0,

@@ -572,3 +572,33 @@ def test_threshold_for_sensitivity_and_decision() -> None:
             threshold_for_sensitivity(y, score, bad)
     probs = np.array([[0.9, 0.06, 0.04], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     assert decide(probs, CLASSES["subtype"], threshold=0.35) == ["normal", "virus", "bacteria"]
+
+
+def test_augmentation_is_seeded_per_sample_so_loader_processes_and_restarts_repeat_it(sample_images) -> None:
+    """Persistent DataLoader processes are seeded once: a run resumed at epoch 1 used to augment it with
+    other draws than the run that went on. Seeded per (seed, epoch, rank, position), epoch 1 is the same
+    through 2 persistent loader processes after epoch 0 as through a fresh loader started at epoch 1."""
+    from cxr.config import AugmentConfig
+    from cxr.preprocess import make_train_augment
+    from cxr.training import EpochSeeded, XrayDataset, load_images
+
+    images = load_images([str(p) for p in sample_images[:8]], [0, 1] * 4, CFG.max_pixels)
+    ds = XrayDataset(images, CFG, make_train_augment(AugmentConfig()))
+
+    def loader(workers: int) -> tuple[EpochSeeded, torch.utils.data.DataLoader]:
+        shard = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3, drop_last=True)
+        sampler = EpochSeeded(shard, seed=3, rank=0)
+        return sampler, torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True,
+                                                    num_workers=workers, persistent_workers=workers > 0)
+
+    def epoch(sampler: EpochSeeded, dl: torch.utils.data.DataLoader, e: int) -> torch.Tensor:
+        sampler.set_epoch(e)
+        return torch.cat([x for x, _ in dl])
+
+    sampler, persistent = loader(2)
+    first = epoch(sampler, persistent, 0)
+    went_on = epoch(sampler, persistent, 1)
+    sampler, fresh = loader(0)
+    resumed = epoch(sampler, fresh, 1)
+    assert torch.equal(went_on, resumed)
+    assert not torch.equal(first, went_on)  # the augmentation (and the order) differ between epochs
