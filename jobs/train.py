@@ -216,6 +216,12 @@ def _append_jsonl(path: Path | None, row: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- driver side
 
 
+def _finished(state: dict[str, Any], cfg: TrainConfig) -> bool:
+    """A checkpoint after the last epoch, or after early stopping: a resume would train nothing."""
+    patience = cfg.early_stop_patience
+    return state["epoch"] >= cfg.epochs or bool(patience and state.get("since_best", 0) >= patience)
+
+
 def _check_files_exist(samples: list[Sample], probe: int = 200) -> None:
     """Paths the manifest names but the driver cannot see: every one missing fails here in one line
     (not in four worker tracebacks after Ray's retry); some missing is a warning (workers skip them).
@@ -358,6 +364,9 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
         write_split(split_file, cfg.seed, cfg.val_fraction, train, val)
     if resume_from is None:  # a new run, or a --resume with nothing to continue
         (output / "metrics.jsonl").unlink(missing_ok=True)
+    elif _finished(_load_state(resume_from), cfg):  # nothing to train: export again without Ray and its workers
+        print("cxr train: the run had finished; exporting its best checkpoint again", flush=True)
+        return _finish(cfg, output, storage, train, val, 0.0)
 
     if cfg.amp and not cfg.gpus and not cluster_address() and not cpu_has_fast_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX), so training runs in fp32, ~2.3x slower per "

@@ -146,6 +146,7 @@ def test_killed_run_resumes_and_exports_a_loadable_model(run_dir, data_dir: Path
     procs.append(finished)
     assert finished.wait(timeout=600) == 0, finished.output()[-3000:]
     assert "--resume with the run's config: preset tiny, 2 worker(s), 3 epochs at 32px" in finished.output()
+    assert "the run had finished" in finished.output()  # exported again without starting Ray and its workers
     assert (out / "config.json").read_text() == config and (out / "split.json").read_text() == split
     assert read_metadata(out / "model").model_id == meta.model_id
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
