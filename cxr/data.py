@@ -79,6 +79,9 @@ def find_manifest(root: Path) -> Path | None:
 def read_manifest_rows(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV or Parquet manifest (training's --data, screening's --labels) as dicts of strings,
     with at least the columns path and label."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise CxrError(f"{path} is an image, not a manifest: give a folder of images (the Kaggle layout, or one "
+                       "holding MANIFEST.csv) or a CSV/Parquet manifest with columns path,label")
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq

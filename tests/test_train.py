@@ -222,6 +222,10 @@ def test_missing_data_dir_fails_before_ray(tmp_path: Path) -> None:
     proc = subprocess.run(CLI + ["train", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: data not found" in proc.stderr and "Traceback" not in proc.stderr
+    image = tmp_path / "one.jpeg"  # an image where the data folder or manifest goes: was "'utf-8' codec can't decode"
+    image.write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    err = _train_error(tmp_path, "--data", str(image), "--output", str(tmp_path / "o"))
+    assert "is an image, not a manifest" in err, err
 
 
 @pytest.mark.parametrize("flag,value", [("--target-sensitivity", "98"), ("--val-fraction", "1.5"), ("--lr", "0"),
