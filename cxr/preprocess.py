@@ -178,6 +178,9 @@ def _to_unit_gray(img: Image.Image, bits: int = 0, signed: bool = False, white_i
         lo, hi = float(out.min()), float(out.max())
         if lo < 0.0 or hi > 1.0:  # not in unit range (e.g. attenuation values): stretched by its own range
             out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    elif mode == "L" and signed and bits == 8:  # int8 samples, which PIL reads as unsigned bytes (-100 as 156)
+        out = np.asarray(img).view(np.int8).astype(np.float32) + np.float32(128.0)
+        return np.divide(out, np.float32(255.0), out=out)
     else:
         if mode != "L":
             try:

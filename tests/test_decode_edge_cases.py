@@ -110,6 +110,8 @@ def test_tiff_samples_pil_does_not_scale_are_read_by_their_tags() -> None:
     signed = decode_image(_raw_tiff(np.round(RAMP * 25500 - 12000).astype("<i2"), sample_format=2))
     np.testing.assert_allclose(signed, (RAMP * 25500 - 12000 + 32768) / 65535, atol=1e-4)  # by the type's range
     assert (signed > 0).all()
+    int8 = decode_image(_raw_tiff(np.round(RAMP * 255 - 128).astype("i1"), sample_format=2))
+    np.testing.assert_allclose(int8, np.round(RAMP * 255) / 255, atol=1e-6)  # was wrapped: -100 read as 156
     u32 = decode_image(_raw_tiff(np.round(RAMP * 4e9).astype("<u4")))
     np.testing.assert_allclose(u32, RAMP, atol=1e-4)
     unit_float = decode_image(_raw_tiff((0.8 - 0.6 * RAMP).astype("<f4"), photometric=0, sample_format=3))
