@@ -161,9 +161,7 @@ def _to_unit_gray(img: Image.Image, bits: int = 0, signed: bool = False, white_i
             out = np.asarray(img, dtype=np.float32) + np.float32(2 ** (bits - 1))
             full = 2**bits - 1
         elif signed:  # int32: no useful type range (all of an image would be mid-grey): its own range
-            out = np.asarray(img, dtype=np.float64)
-            lo, hi = float(out.min()), float(out.max())
-            return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
+            return _stretched(np.asarray(img, dtype=np.float64))
         else:
             ints = np.asarray(img)
             if mode == "I":
@@ -175,9 +173,8 @@ def _to_unit_gray(img: Image.Image, bits: int = 0, signed: bool = False, white_i
         out = np.array(img, dtype=np.float32)  # a copy: PIL's buffer is read-only, and WhiteIsZero inverts in place
         if not np.isfinite(out).all():  # checked first: a NaN min/max would make the image a black one
             raise ImageError("corrupt", "image has non-finite pixel values (NaN or infinity)")
-        lo, hi = float(out.min()), float(out.max())
-        if lo < 0.0 or hi > 1.0:  # not in unit range (e.g. attenuation values): stretched by its own range
-            out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+        if out.min() < 0.0 or out.max() > 1.0:  # not in unit range (e.g. attenuation values): by its own range
+            out = _stretched(out)
     elif mode == "L" and signed and bits == 8:  # int8 samples, which PIL reads as unsigned bytes (-100 as 156)
         out = np.asarray(img).view(np.int8).astype(np.float32) + np.float32(128.0)
         return np.divide(out, np.float32(255.0), out=out)
@@ -192,6 +189,12 @@ def _to_unit_gray(img: Image.Image, bits: int = 0, signed: bool = False, white_i
     if white_is_zero:  # PIL inverts 8-bit WhiteIsZero itself, not 16-bit, 32-bit or float samples
         np.subtract(np.float32(1.0), out, out=out)
     return out
+
+
+def _stretched(arr: np.ndarray) -> np.ndarray:
+    """An image whose values have no known range, scaled by its own min/max (a constant one: black)."""
+    lo, hi = float(arr.min()), float(arr.max())
+    return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32, copy=False)
 
 
 def stored_full_scale(brightest: int) -> int:
@@ -254,18 +257,18 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
             modality, voi = _lut_item(ds, "ModalityLUTSequence"), _lut_item(ds, "VOILUTSequence")
             lo, hi = _dicom_value_range(ds, modality)
             if modality:
-                table, first = _lut_table(ds, modality)
+                table, first, modality_full = _lut_table(ds, modality)
                 arr = _apply_lut(raw, table, first)
             else:
                 arr = apply_modality_lut(raw, ds)  # the rescale, when there is one
             if voi:  # preferred over a window, as by pydicom and viewers
-                table, first = _lut_table(ds, voi)
+                table, first, voi_full = _lut_table(ds, voi)
                 arr = _apply_lut(arr, table, first)
-                lo, hi = 0.0, float(_lut_full_scale(int(voi.LUTDescriptor[2]), int(table.max(initial=0))))
+                lo, hi = 0.0, float(voi_full)
             elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
                 arr = apply_windowing(arr, ds)  # into the modality range (pydicom's y_min..y_max)
             elif modality:  # the LUT's own output range, as for a VOI LUT
-                lo, hi = 0.0, float(_lut_full_scale(int(modality.LUTDescriptor[2]), int(table.max(initial=0))))
+                lo, hi = 0.0, float(modality_full)
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. WindowWidth 0, a LUT that does not fit the data
@@ -289,15 +292,17 @@ def _lut_item(ds: Any, sequence: str) -> Any:
         else None
 
 
-def _lut_table(ds: Any, item: Any) -> tuple[np.ndarray, int]:
-    """A modality or VOI LUT item's entries and its first mapped input value."""
-    entries, first, _ = item.LUTDescriptor
+def _lut_table(ds: Any, item: Any) -> tuple[np.ndarray, int, int]:
+    """A modality or VOI LUT item's entries, its first mapped input value, and its output's full scale."""
+    entries, first, bits = item.LUTDescriptor
     entries = int(entries) or 2**16
     data = item.LUTData
     if isinstance(data, bytes):  # OW: raw 16-bit words in the dataset's byte order
         little = ds.original_encoding[1] is not False
-        return np.frombuffer(data, dtype="<u2" if little else ">u2")[:entries], int(first)
-    return np.atleast_1d(np.asarray(data, dtype=np.int64))[:entries], int(first)
+        table = np.frombuffer(data, dtype="<u2" if little else ">u2")[:entries]
+    else:
+        table = np.atleast_1d(np.asarray(data, dtype=np.int64))[:entries]
+    return table, int(first), _lut_full_scale(int(bits), int(table.max(initial=0)))
 
 
 def _apply_lut(arr: np.ndarray, table: np.ndarray, first: int) -> np.ndarray:

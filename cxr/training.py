@@ -148,8 +148,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     the warm-up phase without changing ``requires_grad`` under DDP. On GPUs the
     update runs as fused kernels (``fused=True``) instead of torch's multi-tensor
     default: never slower on an H100 at batch 64, between level and +15 % across
-    runs whose own noise is as large (BENCHMARKS.md, "GPU paths"). A checkpoint's ``fused`` flag resumes on a CPU too (torch has CPU
-    fused AdamW).
+    runs whose own noise is as large (BENCHMARKS.md, "GPU paths"). A checkpoint's
+    ``fused`` flag resumes on a CPU too (torch has CPU fused AdamW).
     """
     fused = all(p.is_cuda for p in model.parameters())
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {(p, d): [] for p in ("backbone", "head") for d in (True, False)}

@@ -484,7 +484,7 @@ def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], v
     val_at_thr = operating_point(best["val_probs"], best["val_targets"], classes, cfg.target_sensitivity)
     threshold = val_at_thr["threshold"]
     n_val = int(len(best["val_targets"]))
-    n_pos = int((np.asarray(best["val_targets"]) != list(classes).index("normal")).sum())
+    n_pos = val_at_thr["tp"] + val_at_thr["fn"]  # the positives operating_point counted
     rule = (f"the highest threshold on the pneumonia score (P(not normal)) that keeps sensitivity >= "
             f"{cfg.target_sensitivity} on the run's {n_val} validation images ({n_pos} positive) as scored at "
             f"epoch {best['epoch']}, the epoch chosen by validation AUC on the same images: in-sample figures")
