@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 from cxr.config import ScreenConfig
 from cxr.data import IMAGE_SUFFIXES, label_from_path, manifest_entry_path, normalise_label, read_manifest_rows
 from cxr.errors import CxrError
-from cxr.storage import open_fs, uri_prefix
+from cxr.storage import join, open_fs, uri_prefix
 
 #: 1: the columns of the issue; 2: ``mtime_ns`` (parts of either version read together; missing = null)
 SCHEMA_VERSION = 2
@@ -349,7 +349,7 @@ def read_state(location: str) -> dict[str, Any]:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read().decode())
     except Exception as exc:  # noqa: BLE001
-        raise CxrError(f"{location}/{STATE_FILE} is unreadable ({exc}); remove it or use a new --output") from None
+        raise CxrError(f"{join(location, STATE_FILE)} is unreadable ({exc}); remove it or use a new --output") from None
 
 
 def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: bool) -> None:

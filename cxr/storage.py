@@ -46,13 +46,23 @@ def uri_prefix(location: str) -> str:
 def child_uri(location: str, fs_path: str) -> str:
     """The URI of ``fs_path`` inside ``location``'s filesystem, with ``location``'s ``?query`` kept.
 
-    ``open_fs`` drops the query (``s3://b/ckpt?endpoint_override=minio:9000&region=x``); a URI
-    rebuilt without it for another reader (Ray's Checkpoint) would name the default endpoint.
+    ``open_fs`` drops the query (``s3://b/ckpt?endpoint_override=minio:9000&region=x``) and the
+    credentials of ``s3://KEY:SECRET@b/ckpt``; a URI rebuilt without them for another reader (Ray's
+    Checkpoint) would name the default endpoint, or no credentials. Not for display: see ``uri_prefix``.
     """
     if not is_uri(location):
         return fs_path
     query = location.split("?", 1)[1] if "?" in location else ""
-    return uri_prefix(location) + fs_path + (f"?{query}" if query else "")
+    authority = location.split("://", 1)[1].split("/", 1)[0]
+    userinfo = authority.rpartition("@")[0]  # s3://KEY:SECRET@bucket/...: the credentials travel on too
+    return uri_prefix(location) + (f"{userinfo}@" if userinfo else "") + fs_path + (f"?{query}" if query else "")
+
+
+def join(location: str, *names: str) -> str:
+    """``location``/names..., a URI's ``?query`` kept at the end: ``s3://b/out?region=x`` -> ``s3://b/out/report?region=x``
+    (appending to the string would put the name inside the query)."""
+    base, sep, query = location.partition("?") if is_uri(location) else (location, "", "")
+    return "/".join([base.rstrip("/"), *names]) + sep + query
 
 
 @contextmanager

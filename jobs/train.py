@@ -39,7 +39,7 @@ from cxr.metrics import operating_point, validation_metrics
 from cxr.hardware import cpu_has_fast_bf16
 from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
-from cxr.storage import child_uri, is_uri, open_fs
+from cxr.storage import child_uri, is_uri, join, open_fs
 from cxr.training import (
     DistributedBalancedSampler, EpochSeeded, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
     checkpoint_rank, class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
@@ -333,11 +333,11 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     storage = _storage(cfg, output)
     resume_from = latest_checkpoint(storage) if cfg.resume else None
     if not cfg.resume and (latest_checkpoint(storage) or (output / "model" / METADATA).is_file()):
-        raise CxrError(f"{output} already holds a run (a checkpoint in {storage}/{RUN_NAME} or an exported "
+        raise CxrError(f"{output} already holds a run (a checkpoint in {join(storage, RUN_NAME)} or an exported "
                        "model): pass --resume to continue it, or choose another --output (and --storage)")
     foreign = _foreign_file(storage) if resume_from is None else None
     if foreign:
-        raise CxrError(f"--storage {storage}: {storage}/{RUN_NAME} holds {foreign}, which is not a cxr training "
+        raise CxrError(f"--storage {storage}: {join(storage, RUN_NAME)} holds {foreign}, which is not a cxr training "
                        "run's; give each run its own --storage folder")
     split_file = output / "split.json"
     if resume_from and not split_file.is_file():
@@ -357,7 +357,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
         weights = pretrained_state_dict(cfg.pretrained)  # read once here; the workers get it through Ray
         load_backbone(build_model(len(cfg.classes)), weights)  # bad weights fail here, in one line, before Ray starts
     if cfg.resume and resume_from is None:
-        print(f"--resume: no checkpoint in {storage}/{RUN_NAME} yet; starting from scratch", flush=True)
+        print(f"--resume: no checkpoint in {join(storage, RUN_NAME)} yet; starting from scratch", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     save_json(dataclasses.replace(cfg, resume=False), output / "config.json")  # the run's config, not this call's
     if not reuse_split:
@@ -472,7 +472,7 @@ def _finish(cfg: TrainConfig, output: Path, storage: str, train: list[Sample], v
         if key > best_key:
             best, best_key = state, key
     if best is None or history is None:
-        raise CxrError(f"training produced no checkpoint in {storage}/{RUN_NAME}")
+        raise CxrError(f"training produced no checkpoint in {join(storage, RUN_NAME)}")
 
     model = build_model(len(cfg.classes))
     model.load_state_dict(best["model"])

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cxr import screening as S
-from cxr.storage import child_uri, is_local, is_uri, open_fs
+from cxr.storage import child_uri, is_local, is_uri, join, open_fs
 from cxr.errors import CxrError
 
 CLASSES = ["normal", "pneumonia"]
@@ -226,6 +226,15 @@ def test_child_uris_keep_the_location_query() -> None:
         "s3://bucket/ckpt/cxr/checkpoint_1?endpoint_override=minio:9000&region=eu-1"
     assert child_uri("gs://b/x", "b/x/y") == "gs://b/x/y"
     assert child_uri("/local/dir", "/local/dir/y") == "/local/dir/y"
+    assert child_uri("s3://KEY:SECRET@b/x?region=r", "b/x/y") == "s3://KEY:SECRET@b/x/y?region=r"
+    assert child_uri("file:///a/b", "/a/b/c") == "file:///a/b/c"
+
+
+def test_join_keeps_a_uris_query_at_the_end() -> None:
+    """Appending to the string would put the name inside the query: s3://b/out?region=x/report."""
+    assert join("s3://b/out?region=x", "report") == "s3://b/out/report?region=x"
+    assert join("s3://b/out/", "results", "p.parquet") == "s3://b/out/results/p.parquet"
+    assert join("screens/a?b", "report") == "screens/a?b/report"  # a local folder may have '?' in its name
 
 
 def test_locations_local_or_uri() -> None:

@@ -115,6 +115,7 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     Exit status: 0 done (error rows allowed), 1 --fail-on-error and errors, 2 unusable input.
     """
     from cxr import screening as S
+    from cxr.storage import join, open_fs
     from jobs.screen import run_screen
 
     cfg = ScreenConfig(archive=archive, progress=not quiet, **kw)
@@ -132,9 +133,11 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     failed = cfg.fail_on_error and summary["errors"] > 0
     _save_config(cfg)
     click.echo(S.format_summary(summary))
-    click.echo(f"results: {cfg.output}/{S.RESULTS_DIR}" + (f"  report: {summary['report']}" if summary.get("report") else ""))
-    if summary.get("report"):
-        click.echo(_brief(json.loads((Path(summary["report"]) / "metrics.json").read_text())))
+    click.echo(f"results: {join(cfg.output, S.RESULTS_DIR)}" + (f"  report: {summary['report']}" if summary.get("report") else ""))
+    if summary.get("report"):  # a local folder or a URI (the report was uploaded there)
+        fs, report_dir = open_fs(summary["report"])
+        with fs.open_input_stream(f"{report_dir}/metrics.json") as f:
+            click.echo(_brief(json.load(f)))
     if cfg.metrics_file or cfg.pushgateway:  # after the summary: a metrics target that fails (exit 2) hides no result
         reg = S.metrics_registry(summary, success=not failed)
         if cfg.metrics_file:
