@@ -22,6 +22,7 @@ ENGINE_HELP = ("auto = PyTorch with bf16 autocast + channels_last on GPUs and on
 ARCH = "resnet50"  # what cxr.model.build_model builds (recorded in every export's metadata)
 
 Task = Literal["binary", "subtype"]
+NewModel = Literal["refuse", "rescore"]
 
 #: class names per task; index = model output index. The positive class for
 #: screening (sensitivity, threshold) is the last one of the binary task.
@@ -117,6 +118,7 @@ class ScreenConfig:
     glob: str | None = None
     limit: int | None = None
     force: bool = False
+    new_model: NewModel = "refuse"  # an output folder holding another model's results: refuse, or rescore once
     fail_on_error: bool = False
     batch_size: int = 0  # images per inference call; 0 = where the engine is fastest (cxr.engine.preferred_batch)
     workers: int = 0  # inference actors; 0 = as many as the cluster allows

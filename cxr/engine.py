@@ -233,8 +233,18 @@ def preferred_batch(backend: str, gpu: bool) -> int:
     return 16 if resolve_backend(backend, gpu=False) == "torch-bf16" else 32
 
 
-def load_engine(model_dir: str | Path, backend: str = "auto", threads: int = 0) -> Engine:
-    """The engine screening and serving use (see the module docstring for what ``auto`` picks)."""
+def load_engine(model_dir: str | Path, backend: str = "auto", threads: int = 0, gpu: bool = False) -> Engine:
+    """The engine screening and serving use (see the module docstring for what ``auto`` picks).
+
+    ``gpu``: Ray gave this process a GPU. Then a torch that finds none is an error, not a quiet CPU
+    engine on a GPU node (no NVIDIA device plugin, or a driver older than torch's CUDA build needs).
+    """
+    if gpu and not cuda_available():
+        import torch
+
+        raise CxrError(f"this worker was given a GPU, but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+                       "finds none: check the node's NVIDIA driver (new enough for that CUDA version) and "
+                       "device plugin, or run without GPUs")
     backend = resolve_backend(backend)
     if backend == "onnx":
         return OnnxEngine(model_dir, threads=threads)

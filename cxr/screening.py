@@ -353,7 +353,7 @@ def read_state(location: str) -> dict[str, Any]:
 
 
 def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: bool) -> None:
-    """Refuse to mix models in one output folder unless ``--force``."""
+    """Refuse to mix models in one output folder unless ``--force`` or ``--new-model rescore``."""
     if not state:
         return
     if int(state.get("schema_version", SCHEMA_VERSION)) > SCHEMA_VERSION:
@@ -362,8 +362,8 @@ def check_owner(state: Mapping[str, Any], model_id: str, location: str, force: b
     if owner and owner != model_id and not force:
         raise CxrError(
             f"{location} holds results of another model ({state.get('model_version') or '?'} {owner[:12]}), "
-            f"not {model_id[:12]}; use a new --output, or --force to set them aside (in replaced/) and "
-            "score with this model"
+            f"not {model_id[:12]}; use a new --output, or --new-model rescore to set them aside (in replaced/) "
+            "and score the archive with this model (later runs then resume as usual)"
         )
 
 

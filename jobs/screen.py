@@ -160,10 +160,10 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
 class Scorer:
     """One inference actor: the engine is loaded once, then scores batches of tensors."""
 
-    def __init__(self, model_dir: str, backend: str, threads: int) -> None:
+    def __init__(self, model_dir: str, backend: str, threads: int, gpu: bool = False) -> None:
         from cxr.engine import load_engine
 
-        self.engine = load_engine(model_dir, backend, threads=threads)
+        self.engine = load_engine(model_dir, backend, threads=threads, gpu=gpu)
         meta = self.engine.meta
         self.classes = list(meta.classes)
         self.threshold = float(meta.threshold)
@@ -253,11 +253,14 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         parts = S.list_parts(out_fs, out_dir)  # listed once: on an object store each listing is a request
         # a folder without results belongs to no model (say, its first run failed before scoring anything)
         owner = (state.get("model_id") or _model_of_part(out_fs, parts[-1])) if parts else None
-        S.check_owner({**state, "model_id": owner}, meta.model_id, cfg.output, cfg.force)
-        if owner and owner != meta.model_id:  # --force onto another model's folder: it changes hands
+        S.check_owner({**state, "model_id": owner}, meta.model_id, cfg.output,
+                      cfg.force or cfg.new_model == "rescore")
+        if owner and owner != meta.model_id:  # --force/--new-model rescore: the folder changes hands, once
             kept = S.set_aside_results(cfg.output, owner)
-            print(f"--force: the results of model {owner[:12]} were moved to {uri_prefix(cfg.output)}{kept} "
-                  "(delete that folder when no longer needed)", file=sys.stderr)
+            flag = "--force" if cfg.force else "--new-model rescore"
+            print(f"{flag}: model {meta.model_id[:12]} takes the folder over: the results of model {owner[:12]} "
+                  f"were moved to {uri_prefix(cfg.output)}{kept} (delete that folder when no longer needed); "
+                  "every selected file is scored again", file=sys.stderr)
         S.clean_tmp(cfg.output)
         S.write_state(cfg.output, meta.model_id, meta.model_version, classes)
         if cfg.force:  # rescore the selected files; their new rows supersede the old ones (newest wins)
@@ -332,7 +335,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
             Scorer, batch_size=batch, batch_format="numpy", zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(size=topo.actors),
             fn_constructor_kwargs={"model_dir": str(Path(cfg.model).resolve()), "backend": cfg.engine,
-                                   "threads": topo.threads},
+                                   "threads": topo.threads, "gpu": topo.actor_gpus > 0},
             num_cpus=topo.actor_cpus, num_gpus=topo.actor_gpus or None,
         )
         writer = S.PartWriter(cfg.output, S.result_schema(list(meta.classes)), cfg.part_rows, cfg.part_seconds)

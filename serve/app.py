@@ -249,7 +249,8 @@ class CxrModel:
         # threads = the CPUs Ray reserved for this replica, not Ray's OMP_NUM_THREADS=1 default nor every
         # core of the node (ONNX Runtime's default): replicas sharing a node must not oversubscribe it
         self.engine_threads = self.cfg.engine_threads or max(1, round(self.cfg.cpus_per_replica))
-        self.engine = load_engine(model_dir, self.cfg.engine, threads=self.engine_threads)
+        self.engine = load_engine(model_dir, self.cfg.engine, threads=self.engine_threads,
+                                  gpu=self.cfg.gpus_per_replica > 0)
         self.meta = self.engine.meta
         self.classes = list(self.meta.classes)
         self.threshold = float(self.meta.threshold)

@@ -390,6 +390,9 @@ def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
     assert not np.array_equal(probs["torch-bf16"], probs["torch"])  # autocast really ran in bf16
     with pytest.raises(CxrError, match="unknown engine"):
         load_engine(tmp_path / "m", "tensorrt")
+    if not torch.cuda.is_available():  # a worker Ray gave a GPU that torch cannot see must not score on the CPU
+        with pytest.raises(CxrError, match="given a GPU, but torch"):
+            load_engine(tmp_path / "m", "auto", gpu=True)
 
 
 def test_an_onnx_graph_of_other_weights_is_never_run_under_this_model_id(tmp_path: Path) -> None:

@@ -369,12 +369,9 @@ def test_missing_archive_unreadable_model_and_foreign_folder(ray_local, tiny_mod
     assert "unreadable model" in _one_error_line(invoke("screen", str(archive), "-m", str(broken), "-o", str(tmp_path / "o3")))
     classes = ["normal", "pneumonia"]
     foreign = tmp_path / "foreign"
-    S.write_state(str(foreign), "f" * 64, "someone-else", classes)
-    writer = S.PartWriter(str(foreign), S.result_schema(classes))
-    writer.add(pa.Table.from_pylist([{"path": "/elsewhere/x.jpeg", "model_id": "f" * 64}], schema=writer.schema))
-    writer.flush()
+    _folder_of_another_model(foreign)
     line = _one_error_line(invoke("screen", str(archive), "-m", str(tiny_model), "-o", str(foreign)))
-    assert "another model" in line and "--force" in line
+    assert "another model" in line and "--new-model rescore" in line
     # a folder another model claimed but never wrote a result to (its run failed first) is free
     claimed = tmp_path / "claimed"
     S.write_state(str(claimed), "e" * 64, "failed-run", classes)
@@ -426,23 +423,35 @@ def test_a_metrics_file_that_cannot_be_written_fails_after_the_summary(screened,
         del os.environ["CXR_DEBUG"]
 
 
-def test_force_sets_another_models_results_aside(ray_local, tiny_model, tmp_path, sample_images) -> None:
-    """--force onto a folder of another model's results moves them to replaced/ instead of deleting them."""
-    archive = tmp_path / "a"
-    archive.mkdir()
-    shutil.copy(sample_images[0], archive)
-    out = tmp_path / "out"
+def _folder_of_another_model(out: Path) -> None:
     classes = ["normal", "pneumonia"]
     S.write_state(str(out), "f" * 64, "old-model", classes)
     writer = S.PartWriter(str(out), S.result_schema(classes))
     writer.add(pa.Table.from_pylist([{"path": "/elsewhere/x.jpeg", "model_id": "f" * 64}], schema=writer.schema))
     writer.flush()
-    res = CliRunner().invoke(main, ["screen", str(archive), "-m", str(tiny_model), "-o", str(out), "-q",
-                                    "--no-report", "--force"], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("flag", ["--force", "--new-model=rescore"])
+def test_force_sets_another_models_results_aside(ray_local, tiny_model, tmp_path, sample_images, flag) -> None:
+    """--force (or --new-model rescore) onto a folder of another model's results moves them to replaced/
+    instead of deleting them."""
+    archive = tmp_path / "a"
+    archive.mkdir()
+    shutil.copy(sample_images[0], archive)
+    out = tmp_path / "out"
+    _folder_of_another_model(out)
+    screen = ["screen", str(archive), "-m", str(tiny_model), "-o", str(out), "-q", "--no-report"]
+    refused = CliRunner().invoke(main, screen, catch_exceptions=False)
+    assert refused.exit_code == 2 and "--new-model rescore" in refused.output, refused.output
+    res = CliRunner().invoke(main, [*screen, flag], catch_exceptions=False)
     assert res.exit_code == 0 and "moved to" in res.output, res.output
     kept = list((out / S.REPLACED_DIR).glob(f"{'f' * 12}-*/{S.RESULTS_DIR}/part-*.parquet"))
     assert len(kept) == 1 and pq.read_table(kept[0]).column("model_id")[0].as_py() == "f" * 64
     assert {r["path"] for r in S.read_results(str(out)).to_pylist()} == {str(archive / sample_images[0].name)}
+    if flag.startswith("--new-model"):  # a nightly job keeps the flag: the next night resumes, it does not rescore
+        again = CliRunner().invoke(main, [*screen, flag], catch_exceptions=False)
+        assert again.exit_code == 0 and "skipped (already done): 1" in again.output, again.output
+        assert len(list((out / S.REPLACED_DIR).iterdir())) == 1 and len(S.list_parts(*open_fs(str(out)))) == 1
 
 
 def test_a_task_failure_is_reported_by_its_cause_not_by_rays_retry_advice() -> None:

@@ -6,10 +6,11 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import click
 
-from cxr.config import ENGINE_HELP, ENGINES, ScreenConfig, save_json
+from cxr.config import ENGINE_HELP, ENGINES, NewModel, ScreenConfig, save_json
 from cxr.errors import CxrError
 
 _D = ScreenConfig()
@@ -60,6 +61,10 @@ class _ProgressLine:
 @click.option("--force", is_flag=True,
               help="Rescore the selected files even if already done (new rows supersede old ones); on a folder "
                    "holding another model's results, move them to OUTPUT/replaced/ and take the folder over.")
+@click.option("--new-model", type=click.Choice(get_args(NewModel)), default=_D.new_model, show_default=True,
+              help="When OUTPUT holds another model's results (a new model was promoted): refuse, or rescore: "
+                   "move them to OUTPUT/replaced/ and score every selected file with this model, once; later "
+                   "runs with it resume as usual. What a scheduled job whose --model is swapped needs.")
 @click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file this run processed could not be scored (default: error rows, exit 0). "
                    "Files that failed in an earlier run count as done (except read_failed and out_of_memory, "
                    "which every run retries); "
