@@ -55,9 +55,14 @@ _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.I)
 
 def patient_id_from_name(name: str) -> str:
     """personN_... -> personN; IM-0115-0001 -> IM-0115; NORMAL2-IM-1427-0001 -> NORMAL2-IM-1427; else the stem."""
+    return known_patient_id(name) or Path(name).stem
+
+
+def known_patient_id(name: str) -> str | None:
+    """The patient a Kermany-style file name names (see :func:`patient_id_from_name`), else None."""
     stem = Path(name).stem
     m = _PERSON.match(stem) or _IM.match(stem)
-    return m.group(1) if m else stem
+    return m.group(1) if m else None
 
 
 def normalise_label(raw: str, where: str) -> str:

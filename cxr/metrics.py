@@ -16,10 +16,12 @@ def pneumonia_score(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
 
     Not 1 - P(normal): in float32 that rounds to 0 for a confident 'normal' (P(normal) = 1.0f while
     P(pneumonia) = 1e-9), and the score would differ from the ``prob_pneumonia`` a user reads
-    beside it. For the binary task the sum is exactly P(pneumonia).
+    beside it. For the binary task the sum is exactly P(pneumonia). Capped at 1: float32
+    probabilities of three classes can sum to 1.0000001, which is no probability (scikit-learn's
+    Brier score refuses it).
     """
     probs = np.asarray(probs, dtype=np.float64)
-    return np.delete(probs, list(classes).index("normal"), axis=1).sum(axis=1)
+    return np.minimum(np.delete(probs, list(classes).index("normal"), axis=1).sum(axis=1), 1.0)
 
 
 def decide(probs: np.ndarray, classes: Sequence[str], threshold: float) -> list[str]:
@@ -53,7 +55,10 @@ def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: flo
     k = int(np.floor((1.0 - target) * pos.size + 1e-9))
     cut = float(pos[min(k, pos.size - 1)])
     below = score[score < cut]
-    return (cut + float(below.max())) / 2.0 if below.size else cut
+    if not below.size:
+        return cut
+    mid = (cut + float(below.max())) / 2.0  # of two adjacent floats this rounds to the lower: keep the cut then
+    return mid if mid > below.max() else cut
 
 
 def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict[str, float]:

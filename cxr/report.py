@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from cxr import __version__
-from cxr.data import subtype_from_name
+from cxr.data import known_patient_id, subtype_from_name
 from cxr.errors import CxrError
 from cxr.metrics import binary_metrics, decide, pneumonia_score, threshold_for_sensitivity
 
@@ -52,11 +52,16 @@ _PLOT_NAMES = ("roc", "pr", "calibration", "score_hist", "confusion")
 
 
 def bootstrap_auc(y_true: np.ndarray, score: np.ndarray, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                  seed: int = BOOTSTRAP_SEED, chunk_elems: int = 4_000_000) -> np.ndarray:
+                  seed: int = BOOTSTRAP_SEED, chunk_elems: int = 4_000_000,
+                  groups: Sequence[Any] | None = None) -> np.ndarray:
     """ROC AUC of ``n_resamples`` stratified bootstrap resamples (positives and negatives
     resampled separately, so every resample has both classes, as pROC does by default).
 
-    Vectorised: each resample is a vector of draw counts per original row, and the AUC
+    ``groups`` (e.g. patient ids): resample whole groups instead of images, since several films of
+    one patient are not independent evidence (an image-level interval is then too narrow). The
+    strata are then the groups holding a positive and the others.
+
+    Vectorised: each resample is a vector of draw counts per sampling unit, and the AUC
     (Mann-Whitney, ties counted 1/2, exactly what roc_auc_score gives on the resample) is
     sum_i c_i * (negatives below s_i + 1/2 negatives tied with s_i) / (P * N), read off a
     cumulative sum of negative counts in score order. Work and memory are
@@ -64,10 +69,25 @@ def bootstrap_auc(y_true: np.ndarray, score: np.ndarray, n_resamples: int = BOOT
     """
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(score, dtype=np.float64)
-    pos, neg = s[y], np.sort(s[~y])
+    pos_rows = np.flatnonzero(y)
+    neg_rows = np.flatnonzero(~y)[np.argsort(s[~y], kind="stable")]
+    pos, neg = s[pos_rows], s[neg_rows]
     n_pos, n_neg = pos.size, neg.size
     if n_pos == 0 or n_neg == 0 or n_resamples <= 0:
         return np.full(max(n_resamples, 0), np.nan)
+    if groups is None:  # every image its own unit: positives first, then the negatives in score order
+        unit_pos, unit_neg, strata = np.arange(n_pos), n_pos + np.arange(n_neg), (n_pos, n_neg)
+    else:
+        _, unit = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+        # number the groups in order of appearance among the positives, then the sorted negatives: those
+        # holding a positive come first (one stratum), and one group per image numbers them as above
+        seen = np.concatenate([unit[pos_rows], unit[neg_rows]])
+        _, first = np.unique(seen, return_index=True)
+        rank = np.empty(first.size, dtype=np.int64)
+        rank[seen[np.sort(first)]] = np.arange(first.size)
+        unit_pos, unit_neg = rank[unit[pos_rows]], rank[unit[neg_rows]]
+        holding = int(np.unique(unit_pos).size)
+        strata = (holding, first.size - holding)
     lo = np.searchsorted(neg, pos, side="left")  # negatives strictly below each positive
     hi = np.searchsorted(neg, pos, side="right")  # ... below or tied
     rng = np.random.default_rng(seed)
@@ -75,17 +95,20 @@ def bootstrap_auc(y_true: np.ndarray, score: np.ndarray, n_resamples: int = BOOT
     step = max(1, chunk_elems // max(n_pos, n_neg))
     for start in range(0, n_resamples, step):
         b = min(step, n_resamples - start)
-        c = _draw_counts(rng, b, n_pos)  # b x P: how often each positive was drawn
-        d = _draw_counts(rng, b, n_neg)  # b x N, in sorted-negative order
+        drawn = np.concatenate([_draw_counts(rng, b, n) for n in strata], axis=1)  # b x units
+        c, d = drawn[:, unit_pos], drawn[:, unit_neg]  # how often each positive / sorted negative was drawn
         cum = np.zeros((b, n_neg + 1))
         np.cumsum(d, axis=1, out=cum[:, 1:])
         below, upto = cum[:, lo], cum[:, hi]
-        out[start:start + b] = (c * (below + 0.5 * (upto - below))).sum(axis=1) / (n_pos * n_neg)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a group resample without negatives: NaN
+            out[start:start + b] = (c * (below + 0.5 * (upto - below))).sum(axis=1) / (c.sum(axis=1) * d.sum(axis=1))
     return out
 
 
 def _draw_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     """b resamples of n draws with replacement from n items, as a b x n matrix of counts."""
+    if n == 0:
+        return np.zeros((b, 0))
     idx = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
     return np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
 
@@ -282,15 +305,21 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
 
     known = np.array([t is not None for t in truth], dtype=bool)
     raw_present = np.array([t is not None for t in rows["raw_truth"]], dtype=bool)
-    unrecognised = sorted({str(v) for v, k in zip(rows["raw_truth"], known) if v is not None and not k})
+    odd = scored & raw_present & ~known  # error rows are out of the metrics whatever their label
+    unrecognised = sorted({str(rows["raw_truth"][i]) for i in np.flatnonzero(odd)})
     if unrecognised:
-        warnings.append(f"{int((raw_present & ~known).sum())} rows have unrecognised true_label "
+        warnings.append(f"{int(odd.sum())} scored rows have unrecognised true_label "
                         f"({', '.join(unrecognised[:5])}); treated as unlabelled")
     labelled = scored & known
+    unscored_positives = int(sum(1 for i in np.flatnonzero(~scored & known) if truth[i] != "normal"))
+    if unscored_positives:
+        warnings.append(f"{unscored_positives} pneumonia-labelled files could not be scored (error rows): they "
+                        "are in no metric, sensitivity included; rescore or read them another way")
     counts = {
         "rows": int(results.num_rows), "scored": int(scored.sum()), "errors": int((~scored).sum()),
         "labelled": int(labelled.sum()), "unlabelled": int((scored & ~known).sum()),
-        "errors_with_label": int((~scored & known).sum()), "unrecognised_label": int((raw_present & ~known).sum()),
+        "errors_with_label": int((~scored & known).sum()), "errors_with_pneumonia_label": unscored_positives,
+        "unrecognised_label": int((raw_present & ~known).sum()),
     }
     metrics: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -349,11 +378,29 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
 
     # binary screening block on the pneumonia score
     at_model = _operating_point(y, score, threshold)
-    ci = bootstrap_auc(y, score) if both else np.full(BOOTSTRAP_RESAMPLES, np.nan)
+    # films of one patient are one piece of evidence: resample patients (named by Kermany-style file names;
+    # any other file is its own patient)
+    patients = [known_patient_id(PurePosixPath(rows["path"][i].replace("\\", "/")).name) or rows["path"][i]
+                for i in idx]
+    n_patients = len(set(patients))
+    ci = (bootstrap_auc(y, score, groups=patients if n_patients < idx.size else None) if both
+          else np.full(BOOTSTRAP_RESAMPLES, np.nan))
     auc = at_model["auc"]
-    metrics["auc"] = {"value": auc, "ci95": [_nanpct(ci, 2.5), _nanpct(ci, 97.5)],
+    ci95 = [_nanpct(ci, 2.5), _nanpct(ci, 97.5)]
+    if both and not ci95[0] < ci95[1]:  # e.g. a perfect separation: every resample gives the same AUC
+        ci95 = [math.nan, math.nan]
+        warnings.append("the AUC's bootstrap interval has no width (perfect separation, or too few cases): "
+                        "not estimable, reported as undefined")
+    if both and min(counts["positives"], counts["negatives"]) < 10:
+        warnings.append(f"only {min(counts['positives'], counts['negatives'])} "
+                        f"{'positives' if counts['positives'] < counts['negatives'] else 'negatives'}: "
+                        "the AUC's interval is unreliable")
+    unit = f"patients ({n_patients} for {idx.size} images)" if n_patients < idx.size else "images"
+    metrics["auc"] = {"value": auc, "ci95": ci95,
                       "std_error": float(np.nanstd(ci, ddof=1)) if both else math.nan,
-                      "method": f"stratified bootstrap, percentile interval, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}"}
+                      "method": f"stratified bootstrap over {unit}, percentile interval, {BOOTSTRAP_RESAMPLES} "
+                                f"resamples, seed {BOOTSTRAP_SEED}",
+                      "resampled": "patients" if n_patients < idx.size else "images"}
     metrics["at_model_threshold"] = at_model
     metrics["operating_points"] = [
         {"target_sensitivity": t, **_operating_point(y, score, threshold_for_sensitivity(y, score, t))}
@@ -489,7 +536,7 @@ def _write_plots(metrics: dict[str, Any], data: dict[str, Any], out: Path) -> di
         ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="#c0392b", label=f"model threshold {thr:g}")
         for p, mk in zip(metrics["operating_points"], ("s", "^", "D")):
             ax.plot(1 - p["specificity"], p["sensitivity"], mk, ms=5, mfc="none", color="#333",
-                    label=f"sens ≥ {p['target_sensitivity']:g} (t={p['threshold']:.3f})")
+                    label=f"sens ≥ {p['target_sensitivity']:g} (t={p['threshold']:.4g})")
         ax.set(xlabel="1 − specificity (false positive rate)", ylabel="sensitivity", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01),
                title="ROC curve")
         ax.grid(alpha=0.3)
@@ -597,6 +644,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return html.escape(str(v))
 
 
+def _threshold(v: float | None) -> str:
+    """Enough digits to reuse: a threshold for sensitivity 0.99 may be 0.00051675 (4 decimals read 0.0005)."""
+    return "—" if v is None else f"{v:.6g}"
+
+
 def _pct(v: Any) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
@@ -660,18 +712,22 @@ def _html_metrics(m: dict[str, Any], plots: dict[str, Path]) -> str:
     parts.append(f"<p>{c['positives']:,} pneumonia and {c['negatives']:,} normal labelled rows. ROC AUC "
                  f"<b>{_fmt(auc['value'])}</b>{_ci(auc['ci95'], pct=False)} <span class='note'>(95% CI, {html.escape(auc['method'])})</span>"
                  f" · average precision <b>{_fmt((m['curves'].get('pr') or {}).get('average_precision'))}</b>"
-                 f" · accuracy <b>{_fmt(m['classification']['accuracy'])}</b></p>")
+                 f" · accuracy at the threshold (normal vs pneumonia) <b>{_fmt(at['accuracy'])}</b>"
+                 + (f" · {len(m['classification']['labels'])}-class accuracy <b>{_fmt(m['classification']['accuracy'])}</b>"
+                    if m["classification"]["level"] == "model_classes" else "") + "</p>")
     body, cls = [], []
     for name, p in [("model threshold", at)] + [(f"sensitivity ≥ {p['target_sensitivity']:g}", p) for p in m["operating_points"]]:
-        body.append([name, _fmt(p["threshold"], 4), _pct(p["sensitivity"]) + _ci(p["sensitivity_ci95"]),
+        body.append([name, _threshold(p["threshold"]), _pct(p["sensitivity"]) + _ci(p["sensitivity_ci95"]),
                      _pct(p["specificity"]) + _ci(p["specificity_ci95"]), _pct(p["precision"]), _fmt(p["f1"]),
                      _pct(p["flagged_fraction"]), f"{p['tp']:,} / {p['fp']:,} / {p['tn']:,} / {p['fn']:,}"])
         cls.append("" if name == "model threshold" else "avg")
     parts.append(_table(["operating point", "threshold", "sensitivity [95% CI]", "specificity [95% CI]", "precision (PPV)",
                          "F1", "flagged", "TP / FP / TN / FN"], body, cls))
-    if m["operating_points"]:
-        parts.append("<p class='note'>Thresholds for a target sensitivity are chosen on these same rows, so their "
-                     "specificities are optimistic; confirm them on held-out data before changing the deployed threshold.</p>")
+    parts.append("<p class='note'>" + ("Thresholds for a target sensitivity are chosen on these same rows, so their "
+                 "specificities are optimistic; confirm them on held-out data before changing the deployed threshold "
+                 "(thresholds are shown to 6 significant digits, enough to reuse). " if m["operating_points"] else "")
+                 + "Sensitivity and specificity intervals (Wilson) count images as independent; several films "
+                 "of one patient make them somewhat too narrow.</p>")
 
     clf = m["classification"]
     level = "model classes" if clf["level"] == "model_classes" else "binary (non-normal predictions count as pneumonia)"

@@ -20,7 +20,7 @@ from sklearn.metrics import (average_precision_score, brier_score_loss, classifi
                              recall_score, roc_auc_score, roc_curve)
 
 from cxr.errors import CxrError
-from cxr.metrics import decide, pneumonia_score
+from cxr.metrics import decide, pneumonia_score, threshold_for_sensitivity
 from cxr.report import bootstrap_auc, calibration_bins, compute_metrics, wilson_interval, write_report
 
 BINARY = ["normal", "pneumonia"]
@@ -133,7 +133,9 @@ def test_binary_numbers_equal_sklearn(binary_report: tuple[pa.Table, dict, Path]
     score = pneumonia_score(probs, BINARY)
 
     assert m["counts"] == {"rows": table.num_rows, "scored": 480 + 25, "errors": 9, "labelled": 480, "unlabelled": 25,
-                           "errors_with_label": 4, "unrecognised_label": 0, "positives": 320, "negatives": 160}
+                           "errors_with_label": 4, "errors_with_pneumonia_label": 4, "unrecognised_label": 0,
+                           "positives": 320, "negatives": 160}
+    assert any("4 pneumonia-labelled files could not be scored" in w for w in m["warnings"])
     ref = classification_report(truth, pred, labels=BINARY, output_dict=True, zero_division=np.nan)
     clf = m["classification"]
     assert clf["level"] == "binary" and clf["labels"] == BINARY
@@ -234,6 +236,63 @@ def test_bootstrap_equals_explicit_resamples() -> None:
             s = np.concatenate([pos[ip[k]], neg[ineg[k]]])
             slow.append(roc_auc_score(np.r_[np.ones(pos.size), np.zeros(neg.size)], s))
     assert np.allclose(fast, slow, atol=1e-12)
+
+
+def test_bootstrap_over_patients_is_not_fooled_by_repeated_films() -> None:
+    """Three films per patient are not three times the evidence: resampling images narrows the interval,
+    resampling patients keeps the width of one film per patient (a statistics review)."""
+    rng = np.random.default_rng(1)
+    y1 = rng.random(200) < 0.5
+    s1 = np.clip(rng.normal(0.4 + 0.2 * y1, 0.2), 0, 1)
+    y3, s3, who = np.repeat(y1, 3), np.repeat(s1, 3), np.repeat(np.arange(200), 3)
+
+    def width(a: np.ndarray) -> float:
+        return float(np.percentile(a, 97.5) - np.percentile(a, 2.5))
+
+    once = width(bootstrap_auc(y1, s1))
+    assert width(bootstrap_auc(y3, s3)) < 0.75 * once  # images as units: overconfident
+    assert abs(width(bootstrap_auc(y3, s3, groups=who)) - once) < 0.15 * once
+    # one group per image is the image-level bootstrap itself, draw for draw
+    assert np.array_equal(bootstrap_auc(y1, s1, groups=[f"p{i}" for i in range(200)]), bootstrap_auc(y1, s1))
+
+
+def test_report_resamples_patients_named_by_kermany_file_names(tmp_path: Path) -> None:
+    table = make_results(BINARY, n_normal=30, n_bacteria=20, n_virus=10, n_unlabelled=0, n_errors=0, seed=5)
+    m = write_report(table, tmp_path)
+    assert m["auc"]["resampled"] == "images"  # make_results names no patient twice
+    paths = table.column("path").to_pylist()
+    films = [f"/a/{'NORMAL' if 'NORMAL' in p else 'PNEUMONIA'}/person{k // 2}_bacteria_{k}.jpeg"
+             if "NORMAL" not in p else f"/a/NORMAL/IM-{k // 2:04d}-000{k % 2}.jpeg" for k, p in enumerate(paths)]
+    m2 = write_report(table.set_column(table.schema.get_field_index("path"), "path", pa.array(films)), tmp_path / "b")
+    assert m2["auc"]["resampled"] == "patients" and "patients (30 for 60 images)" in m2["auc"]["method"]
+    assert m2["auc"]["value"] == m["auc"]["value"] and m2["auc"]["ci95"] != m["auc"]["ci95"]
+
+
+def test_three_class_scores_just_over_one_and_degenerate_intervals(tmp_path: Path) -> None:
+    """float32 probabilities of three classes can sum to 1.0000001: scikit-learn's Brier score refused
+    that and the report (and the end of a screening run) crashed. A perfect separation has no interval."""
+    probs = np.array([[1e-8, 0.3427021, 0.6572980], [0.9, 0.05, 0.05]], dtype=np.float32)
+    assert probs[0, 1:].astype(np.float64).sum() > 1.0 and pneumonia_score(probs, SUBTYPE)[0] == 1.0
+    table = make_results(SUBTYPE, n_normal=8, n_bacteria=6, n_virus=6, n_unlabelled=0, n_errors=0, truth="subtype")
+    cols = {c: table.column(f"prob_{c}").to_numpy().copy() for c in SUBTYPE}
+    sick = np.array([t != "normal" for t in table.column("true_label").to_pylist()])
+    cols["normal"][sick], cols["bacteria"][sick], cols["virus"][sick] = 1e-8, 0.3427021, 0.6572980
+    cols["normal"][~sick], cols["bacteria"][~sick], cols["virus"][~sick] = 0.9, 0.05, 0.05
+    for c, v in cols.items():
+        table = table.set_column(table.schema.get_field_index(f"prob_{c}"), f"prob_{c}", pa.array(v, pa.float32()))
+    m = write_report(table, tmp_path)
+    assert m["auc"]["value"] == 1.0 and m["auc"]["ci95"] == [None, None] and m["calibration"]["brier"] >= 0
+    assert any("not estimable" in w for w in m["warnings"]) and any("only 8 negatives" in w for w in m["warnings"])
+    page = (tmp_path / "report.html").read_text()
+    assert "3-class accuracy" in page and "accuracy at the threshold" in page
+
+
+def test_a_threshold_between_adjacent_floats_keeps_the_negative_out() -> None:
+    """The midpoint of two adjacent doubles rounds to the lower one: the negative just below the cut
+    would be flagged and specificity lost."""
+    below = np.nextafter(0.3, 0)
+    t = threshold_for_sensitivity(np.array([1, 0, 0]), np.array([0.3, below, 0.1]), 0.95)
+    assert below < t <= 0.3
 
 
 def test_bootstrap_is_fast_and_seeded() -> None:

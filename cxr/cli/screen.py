@@ -214,8 +214,8 @@ def report_cmd(screen_dir: str, output: str, labels: str | None) -> None:
 
     with writable_folder(output) as folder:  # a URI: written here, then uploaded
         metrics = write_report(table, folder, classes)
-    known = table.num_rows - table.column("true_label").null_count
-    click.echo(f"report: {output}  ({table.num_rows} rows, {known} with a true label)")
+    counts = metrics.get("counts") or {}
+    click.echo(f"report: {output}  ({table.num_rows} rows, {counts.get('labelled', 0)} scored with a true label)")
     click.echo(_brief(metrics))
 
 
