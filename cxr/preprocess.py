@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -22,10 +23,16 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from cxr.config import AugmentConfig, PreprocessConfig
 from cxr.errors import ImageError
 
-# We enforce our own pixel cap before decoding (PreprocessConfig.max_pixels);
-# PIL's own bomb check is a warning below 2x its default, so silence it.
-Image.MAX_IMAGE_PIXELS = None
+# We check our own pixel cap on every declared size before decoding (PreprocessConfig.max_pixels). PIL's
+# check stays on as well, at the same cap (decode_image sets it), for decodes we do not open ourselves:
+# pydicom hands a DICOM's compressed frame to PIL, and that frame may be larger than the header says.
+# Its warning (between 1x and 2x its limit) is noise: our own check has spoken by then.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
+
+#: more scans than this in a progressive JPEG is a CPU bomb (libjpeg walks every block once per scan:
+#: 5,000 repeats of one tiny scan over an 8000x8000 image took 80 s); encoders write about 10
+MAX_JPEG_SCANS = 100
 
 #: training augmentation: a 1xHxW float32 [0,1] image and the target size -> 1xSxS float32 [0,1]
 Augment = Callable[[np.ndarray, int], np.ndarray]
@@ -81,8 +88,12 @@ def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> 
     goes through its modality/VOI LUTs. Raises :class:`ImageError` with a typed
     code for anything that is not a usable image.
     """
+    if Image.MAX_IMAGE_PIXELS != max_pixels // 2:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2  # PIL raises over twice this: over our cap
     try:
         img = _decode(data, max_pixels)
+    except Image.DecompressionBombError as exc:  # a DICOM's embedded frame larger than its header said
+        raise ImageError("too_large", f"image data exceeds the pixel cap of {max_pixels}: {exc}") from None
     except ImageError as exc:
         if isinstance(exc.__context__, MemoryError):  # a decoder's own handler caught it: still not the file's fault
             raise _out_of_memory(exc.__context__) from None
@@ -121,6 +132,7 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("too_large", f"{width}x{height} = {width * height} pixels exceeds the cap of {max_pixels}")
     if width == 0 or height == 0:
         raise ImageError("corrupt", f"image has no pixels ({width}x{height})")
+    _check_decode_cost(kind, img, data, max_pixels)
     samples = _int_samples(img)
     try:
         with warnings.catch_warnings():
@@ -135,6 +147,21 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001
         raise ImageError("corrupt", f"{kind} data could not be decoded: {exc}") from None
     return _to_unit_gray(img, *samples)
+
+
+def _check_decode_cost(kind: str, img: Image.Image, data: bytes, max_pixels: int) -> None:
+    """Bombs within the pixel cap: a TIFF tile larger than the image (decoded whole), and a progressive
+    JPEG repeating its scans (each one a pass over every block)."""
+    tags = getattr(img, "tag_v2", None)
+    if kind == "tiff" and tags and 322 in tags and 323 in tags:  # TileWidth, TileLength
+        tile = int(tags[322]) * int(tags[323])
+        if tile > max_pixels:
+            raise ImageError("too_large", f"TIFF tile of {tags[322]}x{tags[323]} = {tile} pixels exceeds the cap "
+                                          f"of {max_pixels}")
+    if kind == "jpeg":
+        scans = data.count(b"\xff\xda")  # SOS markers: 0xFF in entropy-coded data is always stuffed (FF 00)
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError("too_large", f"JPEG with {scans} scans (at most {MAX_JPEG_SCANS}): a decoding bomb")
 
 
 def _int_samples(img: Image.Image) -> tuple[int, bool, bool]:
@@ -218,6 +245,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
 
+    _check_deflated(data, max_pixels)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=_forced(data))
     except Exception as exc:  # noqa: BLE001
@@ -238,6 +266,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         raw = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
+        if "decompression bomb" in str(exc):  # PIL's check on the embedded frame, wrapped by pydicom's plugins
+            raise ImageError("too_large", f"DICOM's compressed frame exceeds the pixel cap of {max_pixels} (its "
+                                          f"header says {cols}x{rows})") from None
         raise ImageError("unsupported", f"DICOM pixel data cannot be decoded here: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageError("dicom_invalid", f"DICOM pixel data is unreadable: {exc}") from None
@@ -246,6 +277,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on a VOI LUT over rescaled (float) values
             if photometric == "PALETTE COLOR":  # indices into a colour palette (rare for X-ray)
+                if "SegmentedRedPaletteColorLookupTableData" in ds:  # pydicom expands each segment unbounded
+                    raise ImageError("unsupported", "DICOM with a segmented palette colour table is not supported")
                 rgb = apply_color_lut(raw, ds)
                 full = np.float32(_lut_full_scale(int(np.iinfo(rgb.dtype).bits), int(rgb.max(initial=0)))
                                   if rgb.dtype.kind in "ui" else 1.0)
@@ -282,6 +315,28 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     if photometric == "MONOCHROME1":  # high values are dark
         np.subtract(np.float32(1.0), out, out=out)
     return out
+
+
+_DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+
+
+def _check_deflated(data: bytes, max_pixels: int) -> None:
+    """A deflated DICOM inflates ~1000:1 and pydicom inflates it whole: inflate it here first, up to
+    8 bytes per capped pixel (the most any image within the cap needs, as for files on disk)."""
+    meta = data[:4096]
+    if _DEFLATED not in meta or data[128:132] != b"DICM" or meta[132:136] != b"\x02\x00\x00\x00":
+        return
+    start = 144 + int.from_bytes(meta[140:144], "little")  # after the (0002,0000) group length element
+    inflater, pending, inflated = zlib.decompressobj(-zlib.MAX_WBITS), data[start:], 0
+    try:
+        while pending:  # 16 MiB at a time, thrown away: only the size counts here
+            inflated += len(inflater.decompress(pending, 1 << 24))
+            if inflated > 8 * max_pixels:
+                raise ImageError("too_large", f"deflated DICOM inflates beyond 8 bytes per pixel of the cap of "
+                                              f"{max_pixels}")
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        return  # pydicom says what is wrong with it
 
 
 def _lut_item(ds: Any, sequence: str) -> Any:

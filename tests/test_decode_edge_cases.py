@@ -179,3 +179,93 @@ def test_header_cuts_bigtiff_and_rotated_sizes() -> None:
     exif[0x0112] = 6
     img.save(rotated, format="JPEG", exif=exif)
     assert decode_image(rotated.getvalue()).shape == (64, 8) and image_size_of(rotated.getvalue()) == (8, 64)
+
+
+# --------------------------------------------------------------------------- bombs within the pixel cap (security review)
+
+
+def _jpeg(size: int = 16, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), 128, np.uint8)).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _tiled_tiff(tile: int) -> bytes:
+    """A 16x16 TIFF whose one deflated tile is tile x tile: libtiff would inflate the whole tile."""
+    import struct
+    import zlib
+
+    comp = zlib.compress(b"\0" * 64, 9)  # the data is never reached: the tile's declared size is the bomb
+    data_at = 8 + 2 + 10 * 12 + 4  # after the header and the one IFD of 10 entries
+    tags = [(256, 3, 16), (257, 3, 16), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
+            (322, 4, tile), (323, 4, tile), (324, 4, data_at), (325, 4, len(comp))]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHIHH", t, k, 1, v, 0) if k == 3 else struct.pack("<HHII", t, k, 1, v) for t, k, v in tags)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + comp
+
+
+def _dicom_with_jpeg_frame(frame: bytes, rows: int = 16, cols: int = 16) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its SOF0 header claiming another size (its data stays 16x16)."""
+    at = jpeg.index(b"\xff\xc0") + 5
+    return jpeg[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[at + 4:]
+
+
+def test_decoding_bombs_within_the_declared_size_are_too_large(make_dicom) -> None:
+    """Each of these passed the pixel cap on its declared size and then took gigabytes or minutes."""
+    many_scans = _jpeg(progressive=True)[:-2] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" * 150 + b"\xff\xd9"
+    bombs = {
+        "progressive JPEG with 150 scans": many_scans,
+        "TIFF with a 16384x16384 tile": _tiled_tiff(16384),
+        "DICOM whose JPEG frame is 9000x9000": _dicom_with_jpeg_frame(_claiming(_jpeg(), 9000, 9000)),
+    }
+    for name, data in bombs.items():
+        with pytest.raises(ImageError) as err:
+            decode_image(data)
+        assert err.value.code == "too_large", (name, str(err.value))
+    assert decode_image(_jpeg(progressive=True)).shape == (16, 16)  # a real progressive JPEG is fine
+    assert decode_image(_dicom_with_jpeg_frame(_jpeg())).shape == (16, 16)
+
+
+def test_deflated_dicom_is_read_and_inflated_only_up_to_the_cap(make_dicom) -> None:
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.tile(PIXELS, (8, 8)))))  # 128x128, 32 KB of pixels
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    deflated = buf.getvalue()
+    assert len(deflated) < 8_000  # ~all zeros and ramps: it inflates many times over
+    np.testing.assert_array_equal(decode_image(deflated), decode_image(make_dicom(np.tile(PIXELS, (8, 8)))))
+    with pytest.raises(ImageError) as err:  # 8 bytes per capped pixel: 16 Kpx allow 128 KiB, 1 Kpx only 8 KiB
+        decode_image(deflated, max_pixels=1024)
+    assert err.value.code == "too_large" and "deflated" in str(err.value)
+
+
+def test_a_segmented_palette_table_is_refused(make_dicom) -> None:
+    """pydicom expands each 6-byte segment of it to up to 65,535 entries: 19 KB took 12 s and 870 MB."""
+    data = make_dicom(PIXELS % 256, "PALETTE COLOR", BitsStored=8,
+                      RedPaletteColorLookupTableDescriptor=[256, 0, 16],
+                      SegmentedRedPaletteColorLookupTableData=b"\x01\x00\xff\xff\x00\x00" * 4)
+    with pytest.raises(ImageError) as err:
+        decode_image(data)
+    assert err.value.code == "unsupported" and "segmented" in str(err.value)
