@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cxr import __version__
 from cxr.config import ServeConfig, from_dict
@@ -140,6 +141,7 @@ _BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 api = FastAPI(
+    redirect_slashes=False,  # a 307 to the Host header's name would resend the X-ray wherever a client says
     title="cxr: chest X-ray pneumonia screening",
     version=__version__,
     description="Send a chest X-ray (JPEG, PNG, DICOM; raw body or multipart) and get P(class), a label at the "
@@ -166,19 +168,34 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def parse_multipart(content_type: str, body: bytes) -> list[tuple[str | None, str | None, bytes]]:
+#: longest Content-Type header and part header parsed: the stdlib's parameter parser is quadratic in
+#: quotes and semicolons (a 209 KB part header held a replica's event loop for 35 s)
+MAX_HEADER_BYTES = 8192
+#: parts a multipart body may carry beside its images (form fields): more is refused before parsing
+EXTRA_PARTS = 16
+
+
+def parse_multipart(content_type: str, body: bytes,
+                    max_parts: int | None = None) -> list[tuple[str | None, str | None, bytes]]:
     """(field name, filename, data) of each part of a multipart/form-data body; exact bytes.
 
     Hand-rolled (split on the boundary) to keep binary payloads byte-exact
-    without adding a dependency for one content type.
+    without adding a dependency for one content type. Headers over
+    :data:`MAX_HEADER_BYTES` and more than ``max_parts`` parts are refused before
+    anything else is parsed.
     """
+    if len(content_type) > MAX_HEADER_BYTES:
+        raise ApiError(422, "bad_multipart", f"Content-Type header over {MAX_HEADER_BYTES} bytes")
     header = Message()
     header["content-type"] = content_type
     boundary = header.get_param("boundary")
     if not isinstance(boundary, str) or not boundary:
         raise ApiError(422, "bad_multipart", "multipart/form-data without a boundary parameter")
     parts: list[tuple[str | None, str | None, bytes]] = []
-    sections = body.split(b"--" + boundary.encode("latin-1"))
+    delimiter = b"--" + boundary.encode("latin-1")
+    if max_parts is not None and body.count(delimiter) > max_parts + 1:  # + the closing delimiter
+        raise ApiError(413, "too_many_parts", f"multipart body has over {max_parts} parts")
+    sections = body.split(delimiter)
     if len(sections) < 3:
         raise ApiError(422, "bad_multipart", "multipart body has no parts or no closing boundary")
     for section in sections[1:]:
@@ -189,6 +206,8 @@ def parse_multipart(content_type: str, body: bytes) -> list[tuple[str | None, st
         head, sep, data = section.partition(b"\r\n\r\n")
         if not sep:
             raise ApiError(422, "bad_multipart", "multipart part without a header/body separator")
+        if len(head) > MAX_HEADER_BYTES:
+            raise ApiError(422, "bad_multipart", f"multipart part header over {MAX_HEADER_BYTES} bytes")
         if data.endswith(b"\r\n"):
             data = data[:-2]
         part = Message()
@@ -255,6 +274,9 @@ class CxrModel:
         self.classes = list(self.meta.classes)
         self.threshold = float(self.meta.threshold)
         self.token = os.environ.get("CXR_API_TOKEN", "").strip() or None  # a Secret file may end in a newline
+        if self.token is None and "CXR_API_TOKEN" in os.environ:  # meant auth, got none: not an open API
+            raise CxrError("CXR_API_TOKEN is set but empty (or only whitespace): set a token, or unset it to "
+                           "serve without auth")
         self.body_cap = int(self.cfg.max_body_mb * 1024 * 1024)
         self._pre_pool = ThreadPoolExecutor(max(1, self.cfg.preprocess_threads), thread_name_prefix="cxr-pre")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="cxr-infer")  # one forward at a time
@@ -407,7 +429,12 @@ class CxrModel:
     async def _files(self, request: Request, single: bool) -> list[tuple[str | None, bytes]]:
         kind = media_type(request)
         if kind == "multipart/form-data":
-            files = image_parts(parse_multipart(request.headers["content-type"], await self._read_body(request)))
+            body = await self._read_body(request)
+            # in a thread: splitting a 20 MB body must not hold the event loop (health checks, other requests)
+            parts = await asyncio.get_running_loop().run_in_executor(
+                self._pre_pool, parse_multipart, request.headers["content-type"], body,
+                (1 if single else self.cfg.max_batch_images) + EXTRA_PARTS)
+            files = image_parts(parts)
             if not files:
                 field = "'file'" if single else "'files' (one part per image)"
                 raise ApiError(422, "no_image", f"multipart body has no file part (send the image as field {field})")
@@ -447,6 +474,10 @@ class CxrModel:
         except asyncio.CancelledError:  # client went away: log it, let Serve finish the cancellation
             self._record(route, request, rid, 499, "client_disconnected", t0, n_images)
             raise
+        except ClientDisconnect:  # went away while sending its body: not the server's failure
+            status, code = 499, "client_disconnected"
+            payload = {"code": code, "message": "the client closed the connection before its body arrived",
+                       "request_id": rid}
         except Exception as exc:  # noqa: BLE001 - never a 500: answer, log, keep serving
             log.exception("request %s failed", rid)
             status, code, headers = 503, "internal_error", self._retry_after
@@ -454,7 +485,9 @@ class CxrModel:
         latency_ms = self._record(route, request, rid, status, code, t0, n_images)
         if status == 200 and "latency_ms" in payload:
             payload["latency_ms"] = round(latency_ms, 3)
-        return JSONResponse(payload, status_code=status, headers={"X-Model-Id": self.meta.model_id, **headers})
+        # predictions (and batch answers naming their files) are about patients: no cache keeps them
+        return JSONResponse(payload, status_code=status,
+                            headers={"X-Model-Id": self.meta.model_id, "Cache-Control": "no-store", **headers})
 
     def _record(self, route: str, request: Request, rid: str, status: int, code: str | None, t0: float,
                 n_images: int) -> float:

@@ -205,7 +205,10 @@ def _one(docs: tuple[dict, ...], kind: str, name: str | None = None) -> dict:
 def test_overlay_renders_all_resources(overlay: str) -> None:
     kinds = sorted(d["kind"] for d in rendered(overlay))
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "ConfigMap", "RayJob", "RayCronJob",
-                            "RayService", "ServiceMonitor", "PodMonitor"])
+                            "RayService", "ServiceMonitor", "PodMonitor", "NetworkPolicy"])
+    policy = _one(rendered(overlay), "NetworkPolicy")["spec"]  # the dashboard/Jobs API (code execution) stays inside
+    opened = {p["port"] for rule in policy["ingress"] if "from" not in rule for p in rule["ports"]}
+    assert opened == {8000} and policy["podSelector"] == {}
     images = {c["image"] for c in _containers(list(rendered(overlay)))}
     assert images == {f"ghcr.io/example/cxr:0.1.0-{overlay}"}, images  # no container left on another tag
 

@@ -92,6 +92,27 @@ def test_multipart_parser_keeps_binary_bytes() -> None:
     assert [f for f, _ in files] == ["a.png", "b.dcm"] and files[0][1] == blob and files[1][1] == b"\r\n"
 
 
+def test_multipart_limits_come_before_the_parsing() -> None:
+    """The stdlib's parameter parser is quadratic: a 209 KB part header held a replica's event loop for
+    35 s, its health checks included (a security review). Long headers and surplus parts are refused."""
+    from serve.app import ApiError, MAX_HEADER_BYTES, parse_multipart
+
+    ctype = "multipart/form-data; boundary=XyZ"
+    evil = b'--XyZ\r\nContent-Disposition: form-data; name="file"; x="' + b';"' * 100_000 + b'\r\n\r\nabc\r\n--XyZ--\r\n'
+    t0 = time.perf_counter()
+    with pytest.raises(ApiError) as err:
+        parse_multipart(ctype, evil)
+    assert err.value.code == "bad_multipart" and time.perf_counter() - t0 < 1.0
+    with pytest.raises(ApiError) as err:
+        parse_multipart(ctype + "; x=" + '";' * MAX_HEADER_BYTES, b"")
+    assert err.value.code == "bad_multipart"
+    many = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="f"\r\n\r\n\r\n' for _ in range(40)) + b"--XyZ--\r\n"
+    with pytest.raises(ApiError) as err:
+        parse_multipart(ctype, many, max_parts=32)
+    assert err.value.status == 413 and err.value.code == "too_many_parts"
+    assert len(parse_multipart(ctype, many, max_parts=40)) == 40
+
+
 def test_cli_help_and_print_config() -> None:
     from click.testing import CliRunner
 
@@ -163,6 +184,18 @@ def test_cxr_serve_refuses_a_broken_export_before_ray_starts(tiny_model: Path, t
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "unreadable model" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60  # no Ray started, no replica waited for
+
+
+def test_an_empty_api_token_is_refused_not_taken_for_no_auth(tiny_model: Path) -> None:
+    """CXR_API_TOKEN=' ' used to print 'bearer token required' and then serve without auth."""
+    from serve.runner import free_port
+
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "CXR_API_TOKEN": " \n"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("cxr")), "serve", "--model", str(tiny_model),
+                           "--port", str(free_port()), "--metrics-port", str(free_port()), "--num-cpus", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "CXR_API_TOKEN is set but empty" in errors[0], proc.stderr
 
 
 def test_cxr_serve_refuses_gpu_replicas_on_a_local_ray_without_gpus(tiny_model: Path) -> None:
@@ -380,6 +413,10 @@ def test_model_health_ready_docs(client, tiny_model) -> None:
     assert client.get("/readyz").json()["status"] == "ready"
     assert client.get("/docs").status_code == 200
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+    assert r.headers["cache-control"] == "no-store"  # answers about patients are not for caches
+    # no trailing-slash redirect: its Location would be built from the Host header the client sent
+    moved = client.post("/v1/predict/", headers={**AUTH, "Host": "evil.example"}, content=b"x")
+    assert moved.status_code == 404 and "location" not in moved.headers
 
 
 def test_model_info_leaves_out_the_training_machines_paths() -> None:

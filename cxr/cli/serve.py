@@ -113,6 +113,10 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
     from cxr.export import read_metadata
 
     meta = read_metadata(cfg.model)
+    token = os.environ.get("CXR_API_TOKEN")
+    if token is not None and not token.strip():  # the replicas refuse it too: say so before Ray starts
+        raise CxrError("CXR_API_TOKEN is set but empty (or only whitespace): set a token, or unset it to serve "
+                       "without auth")
     click.echo(f"starting Ray Serve for model {meta.model_id[:12]} ({meta.model_version or 'unnamed'}) ...", err=True)
 
     def _terminate(signum, frame):  # SIGTERM (docker stop, Kubernetes, systemd) behaves like Ctrl-C: drain and stop
@@ -136,7 +140,7 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
             click.echo(f"  metrics  {started.metrics_url}   (Prometheus: ray_cxr_* and ray_serve_* series)")
         else:
             click.echo("  metrics  on the cluster's Ray metrics export port (ray_cxr_* series)")
-        click.echo(f"  auth     {'bearer token required on /v1/* (CXR_API_TOKEN)' if os.environ.get('CXR_API_TOKEN') else 'off (set CXR_API_TOKEN to require a bearer token)'}")
+        click.echo(f"  auth     {'bearer token required on /v1/* (CXR_API_TOKEN)' if token else 'off (set CXR_API_TOKEN to require a bearer token)'}")
         click.echo("Ctrl-C to stop.")
         sys.stdout.flush()
         while True:
