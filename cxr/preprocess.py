@@ -23,11 +23,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from cxr.config import AugmentConfig, PreprocessConfig
 from cxr.errors import ImageError
 
-# We check our own pixel cap on every declared size before decoding (PreprocessConfig.max_pixels). PIL's
-# check stays on as well, at the same cap (decode_image sets it), for decodes we do not open ourselves:
-# pydicom hands a DICOM's compressed frame to PIL, and that frame may be larger than the header says.
-# Its warning (between 1x and 2x its limit) is noise: our own check has spoken by then.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# We enforce our own pixel cap on every declared size before decoding (PreprocessConfig.max_pixels), a
+# DICOM's compressed frame included (_check_dicom_frame); PIL's own bomb check is a warning below 2x its
+# default, so it is off.
+Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 
 #: more scans than this in a progressive JPEG is a CPU bomb (libjpeg walks every block once per scan:
@@ -88,12 +87,8 @@ def decode_image(data: bytes, max_pixels: int = PreprocessConfig.max_pixels) -> 
     goes through its modality/VOI LUTs. Raises :class:`ImageError` with a typed
     code for anything that is not a usable image.
     """
-    if Image.MAX_IMAGE_PIXELS != max_pixels // 2:
-        Image.MAX_IMAGE_PIXELS = max_pixels // 2  # PIL raises over twice this: over our cap
     try:
         img = _decode(data, max_pixels)
-    except Image.DecompressionBombError as exc:  # a DICOM's embedded frame larger than its header said
-        raise ImageError("too_large", f"image data exceeds the pixel cap of {max_pixels}: {exc}") from None
     except ImageError as exc:
         if isinstance(exc.__context__, MemoryError):  # a decoder's own handler caught it: still not the file's fault
             raise _out_of_memory(exc.__context__) from None
@@ -159,9 +154,39 @@ def _check_decode_cost(kind: str, img: Image.Image, data: bytes, max_pixels: int
             raise ImageError("too_large", f"TIFF tile of {tags[322]}x{tags[323]} = {tile} pixels exceeds the cap "
                                           f"of {max_pixels}")
     if kind == "jpeg":
-        scans = data.count(b"\xff\xda")  # SOS markers: 0xFF in entropy-coded data is always stuffed (FF 00)
+        _check_jpeg_scans(data)
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG of over MAX_JPEG_SCANS scans, counted by walking its marker segments to the first
+    EOI (a byte count of FF DA would also count bytes of an ICC profile, a thumbnail or a trailer)."""
+    scans, at, end = 0, 2, len(data)
+    while at + 4 <= end:
+        if data[at] != 0xFF:
+            return  # not a marker where one must be: the decoder will say what is wrong
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
         if scans > MAX_JPEG_SCANS:
-            raise ImageError("too_large", f"JPEG with {scans} scans (at most {MAX_JPEG_SCANS}): a decoding bomb")
+            raise ImageError("too_large", f"JPEG with over {MAX_JPEG_SCANS} scans: a decoding bomb")
+        while True:  # entropy-coded data: up to the next marker that is not stuffing (FF 00) or a restart
+            at = data.find(b"\xff", at)
+            if at < 0 or at + 1 >= end:
+                return
+            if data[at + 1] == 0x00 or 0xD0 <= data[at + 1] <= 0xD7:
+                at += 2
+                continue
+            break
 
 
 def _int_samples(img: Image.Image) -> tuple[int, bool, bool]:
@@ -263,12 +288,10 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("too_large", f"{cols}x{rows} = {rows * cols} pixels exceeds the cap of {max_pixels}")
     if frames > 1:  # checked before pixel_array, which would decode every frame first
         raise ImageError("unsupported", f"multi-frame DICOM ({frames} frames) is not supported")
+    _check_dicom_frame(ds, max_pixels)
     try:
         raw = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
-        if "decompression bomb" in str(exc):  # PIL's check on the embedded frame, wrapped by pydicom's plugins
-            raise ImageError("too_large", f"DICOM's compressed frame exceeds the pixel cap of {max_pixels} (its "
-                                          f"header says {cols}x{rows})") from None
         raise ImageError("unsupported", f"DICOM pixel data cannot be decoded here: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageError("dicom_invalid", f"DICOM pixel data is unreadable: {exc}") from None
@@ -318,25 +341,53 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 _DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+#: explicit-VR value representations with a 2-byte reserved field and a 4-byte length
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
 def _check_deflated(data: bytes, max_pixels: int) -> None:
     """A deflated DICOM inflates ~1000:1 and pydicom inflates it whole: inflate it here first, up to
     8 bytes per capped pixel (the most any image within the cap needs, as for files on disk)."""
-    meta = data[:4096]
-    if _DEFLATED not in meta or data[128:132] != b"DICM" or meta[132:136] != b"\x02\x00\x00\x00":
+    if _DEFLATED not in data[:4096]:
         return
-    start = 144 + int.from_bytes(meta[140:144], "little")  # after the (0002,0000) group length element
-    inflater, pending, inflated = zlib.decompressobj(-zlib.MAX_WBITS), data[start:], 0
+    at = 132 if data[128:132] == b"DICM" else 0
+    while data[at:at + 2] == b"\x02\x00" and at + 8 <= len(data):  # the file meta group (explicit VR, LE)
+        if data[at + 4:at + 6] in _LONG_VRS:
+            at += 12 + int.from_bytes(data[at + 8:at + 12], "little")
+        else:
+            at += 8 + int.from_bytes(data[at + 6:at + 8], "little")
+    inflater, pending, inflated = zlib.decompressobj(-zlib.MAX_WBITS), data[at:], 0
     try:
-        while pending:  # 16 MiB at a time, thrown away: only the size counts here
+        while pending and not inflater.eof:  # 16 MiB at a time, thrown away: only the size counts here
             inflated += len(inflater.decompress(pending, 1 << 24))
             if inflated > 8 * max_pixels:
                 raise ImageError("too_large", f"deflated DICOM inflates beyond 8 bytes per pixel of the cap of "
                                               f"{max_pixels}")
             pending = inflater.unconsumed_tail
-    except zlib.error:
-        return  # pydicom says what is wrong with it
+    except zlib.error as exc:
+        raise ImageError("dicom_invalid", f"deflated DICOM data is corrupt: {exc}") from None
+
+
+def _check_dicom_frame(ds: Any, max_pixels: int) -> None:
+    """A compressed frame is decoded at the size its own header says, which may not be the dataset's
+    Rows x Columns (774 bytes decoded 1.6 Gpx): read that header, and a JPEG's scans, before decoding."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed or "PixelData" not in ds:
+        return
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        with Image.open(io.BytesIO(frame)) as img:  # the header only (JPEG, JPEG 2000); else not PIL's to decode
+            width, height, kind = img.size[0], img.size[1], img.format
+    except Exception:  # noqa: BLE001 - RLE, JPEG-LS, a broken fragment: pydicom reports what it cannot decode
+        return
+    if width * height > max_pixels:
+        raise ImageError("too_large", f"the DICOM's compressed frame is {width}x{height} = {width * height} pixels "
+                                      f"(its header says {ds.get('Columns')}x{ds.get('Rows')}), over the cap of "
+                                      f"{max_pixels}")
+    if kind == "JPEG":
+        _check_jpeg_scans(frame)
 
 
 def _lut_item(ds: Any, sequence: str) -> Any:

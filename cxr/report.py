@@ -59,7 +59,8 @@ def bootstrap_auc(y_true: np.ndarray, score: np.ndarray, n_resamples: int = BOOT
 
     ``groups`` (e.g. patient ids): resample whole groups instead of images, since several films of
     one patient are not independent evidence (an image-level interval is then too narrow). The
-    strata are then the groups holding a positive and the others.
+    strata are then the groups holding a positive and the others; a resample that draws no negative
+    (every negative in a group with positives) is NaN.
 
     Vectorised: each resample is a vector of draw counts per sampling unit, and the AUC
     (Mann-Whitney, ties counted 1/2, exactly what roc_auc_score gives on the resample) is
@@ -319,7 +320,7 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
         "rows": int(results.num_rows), "scored": int(scored.sum()), "errors": int((~scored).sum()),
         "labelled": int(labelled.sum()), "unlabelled": int((scored & ~known).sum()),
         "errors_with_label": int((~scored & known).sum()), "errors_with_pneumonia_label": unscored_positives,
-        "unrecognised_label": int((raw_present & ~known).sum()),
+        "unrecognised_label": int(odd.sum()),
     }
     metrics: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -380,8 +381,7 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
     at_model = _operating_point(y, score, threshold)
     # films of one patient are one piece of evidence: resample patients (named by Kermany-style file names;
     # any other file is its own patient)
-    patients = [known_patient_id(PurePosixPath(rows["path"][i].replace("\\", "/")).name) or rows["path"][i]
-                for i in idx]
+    patients = [_patient_key(rows["path"][i]) for i in idx]
     n_patients = len(set(patients))
     ci = (bootstrap_auc(y, score, groups=patients if n_patients < idx.size else None) if both
           else np.full(BOOTSTRAP_RESAMPLES, np.nan))
@@ -396,10 +396,12 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
                         f"{'positives' if counts['positives'] < counts['negatives'] else 'negatives'}: "
                         "the AUC's interval is unreliable")
     unit = f"patients ({n_patients} for {idx.size} images)" if n_patients < idx.size else "images"
+    one_class = int(np.isnan(ci).sum()) if both else 0  # a patient resample without a negative (or positive)
     metrics["auc"] = {"value": auc, "ci95": ci95,
                       "std_error": float(np.nanstd(ci, ddof=1)) if both else math.nan,
                       "method": f"stratified bootstrap over {unit}, percentile interval, {BOOTSTRAP_RESAMPLES} "
-                                f"resamples, seed {BOOTSTRAP_SEED}",
+                                f"resamples, seed {BOOTSTRAP_SEED}"
+                                + (f"; {one_class} resamples with one class only left out" if one_class else ""),
                       "resampled": "patients" if n_patients < idx.size else "images"}
     metrics["at_model_threshold"] = at_model
     metrics["operating_points"] = [
@@ -420,6 +422,14 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
     ])
     metrics["subtypes"] = _subtypes(sub, score, pred, threshold, metrics["operating_points"])
     return metrics, {"y": y, "score": score, "subtype": sub}
+
+
+def _patient_key(path: str) -> str:
+    """The patient a film belongs to for the bootstrap: a Kermany-style id in its name, within its folder
+    (an OsiriX/Horos export names every study's films IM-0001-0001 too), else the film itself."""
+    p = PurePosixPath(path.replace("\\", "/"))
+    pid = known_patient_id(p.name)
+    return f"{p.parent}/{pid}" if pid else path
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -645,8 +655,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _threshold(v: float | None) -> str:
-    """Enough digits to reuse: a threshold for sensitivity 0.99 may be 0.00051675 (4 decimals read 0.0005)."""
-    return "—" if v is None else f"{v:.6g}"
+    """Enough digits to reuse: a threshold for sensitivity 0.99 may be 0.00051675 (4 decimals read 0.0005),
+    and float32 scores lie 1e-7 apart (9 significant digits tell any two apart)."""
+    return "—" if v is None else f"{v:.9g}"
 
 
 def _pct(v: Any) -> str:
@@ -725,7 +736,7 @@ def _html_metrics(m: dict[str, Any], plots: dict[str, Path]) -> str:
                          "F1", "flagged", "TP / FP / TN / FN"], body, cls))
     parts.append("<p class='note'>" + ("Thresholds for a target sensitivity are chosen on these same rows, so their "
                  "specificities are optimistic; confirm them on held-out data before changing the deployed threshold "
-                 "(thresholds are shown to 6 significant digits, enough to reuse). " if m["operating_points"] else "")
+                 "(thresholds are shown to 9 significant digits, enough to reuse). " if m["operating_points"] else "")
                  + "Sensitivity and specificity intervals (Wilson) count images as independent; several films "
                  "of one patient make them somewhat too narrow.</p>")
 

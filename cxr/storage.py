@@ -53,7 +53,7 @@ def child_uri(location: str, fs_path: str) -> str:
     if not is_uri(location):
         return fs_path
     query = location.split("?", 1)[1] if "?" in location else ""
-    authority = location.split("://", 1)[1].split("/", 1)[0]
+    authority = location.split("?", 1)[0].split("://", 1)[1].split("/", 1)[0]
     userinfo = authority.rpartition("@")[0]  # s3://KEY:SECRET@bucket/...: the credentials travel on too
     return uri_prefix(location) + (f"{userinfo}@" if userinfo else "") + fs_path + (f"?{query}" if query else "")
 

@@ -410,7 +410,7 @@ def _maybe_report(output: str, classes: list[str], labels: S.LabelIndex | None =
     except ImportError as exc:
         print(f"report skipped: cxr.report is not available ({exc})", file=sys.stderr)
         return None
-    target = join(output, S.REPORT_DIR)
+    target = join(output, S.REPORT_DIR) if not is_local(output) else str(Path(open_fs(output)[1]) / S.REPORT_DIR)
     with writable_folder(target) as folder:
         write_report(table, folder, classes)
     return target

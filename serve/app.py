@@ -51,7 +51,7 @@ from cxr.config import ServeConfig, from_dict
 from cxr.errors import CxrError, ImageError
 from cxr.metrics import decide, pneumonia_score
 from cxr.preprocess import preprocess  # torch-free: cheap to import in every Serve process
-from serve.schema import DEPLOYMENT_NAME, app_args, deployment_options
+from serve.schema import DEPLOYMENT_NAME, api_token, app_args, deployment_options
 
 #: HTTP status per ImageError.code (documented in serve/README.md)
 IMAGE_ERROR_STATUS: dict[str, int] = {
@@ -273,10 +273,7 @@ class CxrModel:
         self.meta = self.engine.meta
         self.classes = list(self.meta.classes)
         self.threshold = float(self.meta.threshold)
-        self.token = os.environ.get("CXR_API_TOKEN", "").strip() or None  # a Secret file may end in a newline
-        if self.token is None and "CXR_API_TOKEN" in os.environ:  # meant auth, got none: not an open API
-            raise CxrError("CXR_API_TOKEN is set but empty (or only whitespace): set a token, or unset it to "
-                           "serve without auth")
+        self.token = api_token()
         self.body_cap = int(self.cfg.max_body_mb * 1024 * 1024)
         self._pre_pool = ThreadPoolExecutor(max(1, self.cfg.preprocess_threads), thread_name_prefix="cxr-pre")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="cxr-infer")  # one forward at a time

@@ -13,10 +13,12 @@ of a printed config behave alike.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 from cxr.config import AutoscalingConfig, ServeConfig, to_dict
+from cxr.errors import CxrError
 
 #: ``import_path`` of the application builder (``serve/app.py::build_app``)
 IMPORT_PATH = "serve.app:build_app"
@@ -24,6 +26,16 @@ IMPORT_PATH = "serve.app:build_app"
 DEPLOYMENT_NAME = "CxrModel"
 #: the proxy's own timeout is a backstop behind the app's JSON timeout
 PROXY_TIMEOUT_MARGIN_S = 5.0
+
+
+def api_token() -> str | None:
+    """The bearer token in $CXR_API_TOKEN (surrounding whitespace, e.g. a Secret file's newline, stripped);
+    None when unset. Set but blank is an error: whoever set it meant auth, not an open API."""
+    raw = os.environ.get("CXR_API_TOKEN")
+    if raw is not None and not raw.strip():
+        raise CxrError("CXR_API_TOKEN is set but empty (or only whitespace): set a token, or unset it to serve "
+                       "without auth")
+    return raw.strip() if raw is not None else None
 
 
 def autoscaling_config(a: AutoscalingConfig) -> dict[str, Any]:

@@ -234,6 +234,7 @@ def test_decoding_bombs_within_the_declared_size_are_too_large(make_dicom) -> No
     many_scans = _jpeg(progressive=True)[:-2] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" * 150 + b"\xff\xd9"
     bombs = {
         "progressive JPEG with 150 scans": many_scans,
+        "DICOM whose JPEG frame has 150 scans": _dicom_with_jpeg_frame(many_scans),
         "TIFF with a 16384x16384 tile": _tiled_tiff(16384),
         "DICOM whose JPEG frame is 9000x9000": _dicom_with_jpeg_frame(_claiming(_jpeg(), 9000, 9000)),
     }
@@ -242,6 +243,9 @@ def test_decoding_bombs_within_the_declared_size_are_too_large(make_dicom) -> No
             decode_image(data)
         assert err.value.code == "too_large", (name, str(err.value))
     assert decode_image(_jpeg(progressive=True)).shape == (16, 16)  # a real progressive JPEG is fine
+    # FF DA bytes outside the scans (an ICC profile, a motion photo's trailer) are no scans
+    icc = bytes(range(256)) * 4 + b"\xff\xda" * 300
+    assert decode_image(_jpeg(icc_profile=icc) + b"\xff\xda" * 300).shape == (16, 16)
     assert decode_image(_dicom_with_jpeg_frame(_jpeg())).shape == (16, 16)
 
 
@@ -256,9 +260,28 @@ def test_deflated_dicom_is_read_and_inflated_only_up_to_the_cap(make_dicom) -> N
     deflated = buf.getvalue()
     assert len(deflated) < 8_000  # ~all zeros and ramps: it inflates many times over
     np.testing.assert_array_equal(decode_image(deflated), decode_image(make_dicom(np.tile(PIXELS, (8, 8)))))
-    with pytest.raises(ImageError) as err:  # 8 bytes per capped pixel: 16 Kpx allow 128 KiB, 1 Kpx only 8 KiB
-        decode_image(deflated, max_pixels=1024)
-    assert err.value.code == "too_large" and "deflated" in str(err.value)
+    for form in (deflated, deflated[132:]):  # also without the preamble and DICM (pydicom reads both)
+        with pytest.raises(ImageError) as err:  # 8 bytes per capped pixel: 1 Kpx allow only 8 KiB
+            decode_image(form, max_pixels=1024)
+        assert err.value.code == "too_large" and "deflated" in str(err.value)
+    with pytest.raises(ImageError) as err:
+        decode_image(deflated[:200] + b"\x07" * 50 + deflated[250:])
+    assert err.value.code in ("dicom_invalid", "corrupt")
+
+
+@pytest.mark.timeout(120)
+def test_a_large_deflated_dicom_with_a_pad_byte_does_not_hang_the_check(make_dicom) -> None:
+    """Over 16 MiB inflated, with a byte after the deflate stream (pydicom pads to even length): the
+    check's loop used to spin forever on it, a decode thread lost per file."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    for size in (3000, 3001):  # one of the two deflated lengths is odd, so pydicom pads it
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(np.zeros((size, size), np.uint16))))
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        assert decode_image(buf.getvalue()).shape == (size, size)
 
 
 def test_a_segmented_palette_table_is_refused(make_dicom) -> None:

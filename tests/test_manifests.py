@@ -209,6 +209,9 @@ def test_overlay_renders_all_resources(overlay: str) -> None:
     policy = _one(rendered(overlay), "NetworkPolicy")["spec"]  # the dashboard/Jobs API (code execution) stays inside
     opened = {p["port"] for rule in policy["ingress"] if "from" not in rule for p in rule["ports"]}
     assert opened == {8000} and policy["podSelector"] == {}
+    operator = [r for r in policy["ingress"] if any(p["port"] == 8265 for p in r.get("ports", []))]
+    assert len(operator) == 1 and operator[0]["from"][0]["podSelector"]["matchLabels"] == {  # or no Serve app deploys
+        "app.kubernetes.io/name": "kuberay-operator"}
     images = {c["image"] for c in _containers(list(rendered(overlay)))}
     assert images == {f"ghcr.io/example/cxr:0.1.0-{overlay}"}, images  # no container left on another tag
 

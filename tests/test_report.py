@@ -266,6 +266,10 @@ def test_report_resamples_patients_named_by_kermany_file_names(tmp_path: Path) -
     m2 = write_report(table.set_column(table.schema.get_field_index("path"), "path", pa.array(films)), tmp_path / "b")
     assert m2["auc"]["resampled"] == "patients" and "patients (30 for 60 images)" in m2["auc"]["method"]
     assert m2["auc"]["value"] == m["auc"]["value"] and m2["auc"]["ci95"] != m["auc"]["ci95"]
+    # an OsiriX/Horos export names every study's first film IM-0001-0001: one folder per study, not one patient
+    studies = [f"/pacs/study{k}/IM-0001-0001.dcm" for k in range(len(paths))]
+    m3 = write_report(table.set_column(table.schema.get_field_index("path"), "path", pa.array(studies)), tmp_path / "c")
+    assert m3["auc"]["resampled"] == "images" and m3["auc"]["ci95"] == m["auc"]["ci95"]
 
 
 def test_three_class_scores_just_over_one_and_degenerate_intervals(tmp_path: Path) -> None:

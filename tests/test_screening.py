@@ -228,6 +228,7 @@ def test_child_uris_keep_the_location_query() -> None:
     assert child_uri("/local/dir", "/local/dir/y") == "/local/dir/y"
     assert child_uri("s3://KEY:SECRET@b/x?region=r", "b/x/y") == "s3://KEY:SECRET@b/x/y?region=r"
     assert child_uri("file:///a/b", "/a/b/c") == "file:///a/b/c"
+    assert child_uri("s3://b?endpoint_override=u@h:9000", "b/r") == "s3://b/r?endpoint_override=u@h:9000"  # '@' in a query
 
 
 def test_join_keeps_a_uris_query_at_the_end() -> None:

@@ -63,8 +63,9 @@ class _ProgressLine:
                    "holding another model's results, move them to OUTPUT/replaced/ and take the folder over.")
 @click.option("--new-model", type=click.Choice(get_args(NewModel)), default=_D.new_model, show_default=True,
               help="When OUTPUT holds another model's results (a new model was promoted): refuse, or rescore: "
-                   "move them to OUTPUT/replaced/ and score every selected file with this model, once; later "
-                   "runs with it resume as usual. What a scheduled job whose --model is swapped needs.")
+                   "move them (all of them, also rows of files --glob/--limit leave out) to OUTPUT/replaced/ "
+                   "and score every selected file with this model, once; later runs with it resume as usual. "
+                   "What a scheduled job whose --model is swapped needs.")
 @click.option("--fail-on-error", is_flag=True, help="Exit 1 if any file this run processed could not be scored (default: error rows, exit 0). "
                    "Files that failed in an earlier run count as done (except read_failed and out_of_memory, "
                    "which every run retries); "

@@ -113,10 +113,9 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
     from cxr.export import read_metadata
 
     meta = read_metadata(cfg.model)
-    token = os.environ.get("CXR_API_TOKEN")
-    if token is not None and not token.strip():  # the replicas refuse it too: say so before Ray starts
-        raise CxrError("CXR_API_TOKEN is set but empty (or only whitespace): set a token, or unset it to serve "
-                       "without auth")
+    from serve.schema import api_token
+
+    token = api_token()  # the replicas refuse a blank one too: say so before Ray starts
     click.echo(f"starting Ray Serve for model {meta.model_id[:12]} ({meta.model_version or 'unnamed'}) ...", err=True)
 
     def _terminate(signum, frame):  # SIGTERM (docker stop, Kubernetes, systemd) behaves like Ctrl-C: drain and stop
