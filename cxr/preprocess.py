@@ -348,14 +348,16 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 def _check_deflated(data: bytes, max_pixels: int) -> None:
     """A deflated DICOM inflates ~1000:1 and pydicom inflates it whole: inflate it here first, up to
     8 bytes per capped pixel (the most any image within the cap needs, as for files on disk)."""
-    if _DEFLATED not in data[:4096]:
+    if _DEFLATED not in data[:4096]:  # cheap first look
         return
-    at = 132 if data[128:132] == b"DICM" else 0
+    start = at = 132 if data[128:132] == b"DICM" else 0
     while data[at:at + 2] == b"\x02\x00" and at + 8 <= len(data):  # the file meta group (explicit VR, LE)
         if data[at + 4:at + 6] in _LONG_VRS:
             at += 12 + int.from_bytes(data[at + 8:at + 12], "little")
         else:
             at += 8 + int.from_bytes(data[at + 6:at + 8], "little")
+    if _DEFLATED not in data[start:at]:  # the UID elsewhere (a reference in the dataset) is no transfer syntax
+        return
     inflater, pending, inflated = zlib.decompressobj(-zlib.MAX_WBITS), data[at:], 0
     try:
         while pending and not inflater.eof:  # 16 MiB at a time, thrown away: only the size counts here
