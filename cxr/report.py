@@ -64,7 +64,8 @@ def bootstrap_auc(y_true: np.ndarray, score: np.ndarray, n_resamples: int = BOOT
 
     Vectorised: each resample is a vector of draw counts per sampling unit, and the AUC
     (Mann-Whitney, ties counted 1/2, exactly what roc_auc_score gives on the resample) is
-    sum_i c_i * (negatives below s_i + 1/2 negatives tied with s_i) / (P * N), read off a
+    sum_i c_i * (negatives below s_i + 1/2 negatives tied with s_i) / (positives drawn x negatives drawn,
+    P x N without groups), read off a
     cumulative sum of negative counts in score order. Work and memory are
     O(resamples x rows), done in chunks of about ``chunk_elems`` counts.
     """
