@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from cxr.config import AutoscalingConfig, ServeConfig, from_dict
+from cxr.errors import CxrError
 from serve.schema import DEPLOYMENT_NAME, app_args, serve_config_document, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +185,19 @@ def test_cxr_serve_refuses_a_broken_export_before_ray_starts(tiny_model: Path, t
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "unreadable model" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60  # no Ray started, no replica waited for
+
+
+def test_api_token_is_read_the_same_by_cli_and_replicas(monkeypatch) -> None:
+    """One function for both: unset = no auth; a Secret file's newline stripped; blank = an error."""
+    from serve.schema import api_token
+
+    monkeypatch.delenv("CXR_API_TOKEN", raising=False)
+    assert api_token() is None
+    monkeypatch.setenv("CXR_API_TOKEN", " s3cret\n")
+    assert api_token() == "s3cret"
+    monkeypatch.setenv("CXR_API_TOKEN", " \n")
+    with pytest.raises(CxrError, match="set but empty"):
+        api_token()
 
 
 def test_an_empty_api_token_is_refused_not_taken_for_no_auth(tiny_model: Path) -> None:
