@@ -384,7 +384,8 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
     # any other file is its own patient)
     patients = [_patient_key(rows["path"][i]) for i in idx]
     n_patients = len(set(patients))
-    ci = (bootstrap_auc(y, score, groups=patients if n_patients < idx.size else None) if both
+    by_patient = n_patients < idx.size  # else one film per patient: the image bootstrap itself
+    ci = (bootstrap_auc(y, score, groups=patients if by_patient else None) if both
           else np.full(BOOTSTRAP_RESAMPLES, np.nan))
     auc = at_model["auc"]
     ci95 = [_nanpct(ci, 2.5), _nanpct(ci, 97.5)]
@@ -396,14 +397,14 @@ def _compute(results: pa.Table, classes: Sequence[str] | None) -> tuple[dict[str
         warnings.append(f"only {min(counts['positives'], counts['negatives'])} "
                         f"{'positives' if counts['positives'] < counts['negatives'] else 'negatives'}: "
                         "the AUC's interval is unreliable")
-    unit = f"patients ({n_patients} for {idx.size} images)" if n_patients < idx.size else "images"
+    unit = f"patients ({n_patients} for {idx.size} images)" if by_patient else "images"
     one_class = int(np.isnan(ci).sum()) if both else 0  # a patient resample without a negative (or positive)
     metrics["auc"] = {"value": auc, "ci95": ci95,
                       "std_error": float(np.nanstd(ci, ddof=1)) if both else math.nan,
                       "method": f"stratified bootstrap over {unit}, percentile interval, {BOOTSTRAP_RESAMPLES} "
                                 f"resamples, seed {BOOTSTRAP_SEED}"
                                 + (f"; {one_class} resamples with one class only left out" if one_class else ""),
-                      "resampled": "patients" if n_patients < idx.size else "images"}
+                      "resampled": "patients" if by_patient else "images"}
     metrics["at_model_threshold"] = at_model
     metrics["operating_points"] = [
         {"target_sensitivity": t, **_operating_point(y, score, threshold_for_sensitivity(y, score, t))}

@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
 from cxr.errors import CxrError
-from cxr.storage import is_local, join, open_fs, uri_prefix, writable_folder
+from cxr.storage import child_uri, is_local, open_fs, uri_prefix, writable_folder
 
 if TYPE_CHECKING:  # the decode workers need no model code
     from cxr.export import ModelMetadata
@@ -410,7 +410,7 @@ def _maybe_report(output: str, classes: list[str], labels: S.LabelIndex | None =
     except ImportError as exc:
         print(f"report skipped: cxr.report is not available ({exc})", file=sys.stderr)
         return None
-    target = join(output, S.REPORT_DIR) if not is_local(output) else str(Path(open_fs(output)[1]) / S.REPORT_DIR)
+    target = child_uri(output, f"{open_fs(output)[1]}/{S.REPORT_DIR}")  # a URI keeps its ?query and credentials
     with writable_folder(target) as folder:
         write_report(table, folder, classes)
     return target

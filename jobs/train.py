@@ -325,13 +325,14 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     output = Path(cfg.output).expanduser().resolve()
     if output.exists() and not output.is_dir():
         raise CxrError(f"--output {cfg.output} is a file; give a folder for the run")
-    cfg = _resumed_config(cfg, output, explicit) if cfg.resume else check_train_config(cfg)
+    cfg, resume_from = _resumed_config(cfg, output, explicit) if cfg.resume else (check_train_config(cfg), None)
     samples = stratified_subset(discover(cfg.data, "train"), cfg.limit, cfg.seed)
     for s in samples:
         s.target(cfg.task)  # unknown labels fail here, before any worker starts
     _check_files_exist(samples)
     storage = _storage(cfg, output)
-    resume_from = latest_checkpoint(storage) if cfg.resume else None
+    if cfg.resume and resume_from is None:  # a run started over may name another --storage
+        resume_from = latest_checkpoint(storage)
     if not cfg.resume and (latest_checkpoint(storage) or (output / "model" / METADATA).is_file()):
         raise CxrError(f"{output} already holds a run (a checkpoint in {join(storage, RUN_NAME)} or an exported "
                        "model): pass --resume to continue it, or choose another --output (and --storage)")
@@ -417,8 +418,9 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
             ray.shutdown()
 
 
-def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfig:
-    """The config a ``--resume`` continues with: the run's config.json (else its newest checkpoint's).
+def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> tuple[TrainConfig, str | None]:
+    """The config a ``--resume`` continues with: the run's config.json (else its newest checkpoint's),
+    and that newest complete checkpoint (found once: each costs a zip check of ~400 MB).
 
     A run without a complete checkpoint has nothing to continue (it failed before its first epoch
     ended, e.g. on its flags): these flags start it over, so a RayJob whose entrypoint always says
@@ -429,15 +431,15 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> TrainConfi
     ckpt = latest_checkpoint(_storage(saved or cfg, output))
     if ckpt is None:
         if saved is None:
-            return check_train_config(cfg)
+            return check_train_config(cfg), None
         print("cxr train: --resume: the run has no checkpoint yet: starting it over with its config.json and the "
               "flags given", flush=True)
-        return check_train_config(resume_config(saved, cfg, explicit, strict=False))
+        return check_train_config(resume_config(saved, cfg, explicit, strict=False)), None
     if saved is None:
         saved = from_dict(TrainConfig, _load_state(ckpt)["config"])
-    cfg = resume_config(saved, cfg, explicit)
+    cfg = resume_config(saved, cfg, explicit)  # the run's own --storage: where ckpt was found
     print(f"cxr train: --resume with the run's config: {describe_run(cfg)}", flush=True)
-    return cfg
+    return cfg, ckpt
 
 
 def _root_cause(exc: BaseException) -> str:

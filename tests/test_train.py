@@ -214,7 +214,8 @@ def test_resume_of_a_run_without_a_checkpoint_starts_over_with_the_new_flags(tmp
     (out / "checkpoints" / "train").mkdir(parents=True)  # Ray's storage marker folder, no checkpoint
     save_json(TrainConfig(data="d", output=str(out), workers=3, epochs=7), out / "config.json")
     fixed = dataclasses.replace(TrainConfig(data="d", output=str(out), workers=2), resume=True)
-    resumed = _resumed_config(fixed, out, explicit={"workers"})
+    resumed, checkpoint = _resumed_config(fixed, out, explicit={"workers"})
+    assert checkpoint is None
     assert resumed.workers == 2 and resumed.epochs == 7  # the fixed flag over the run's own config, not defaults
 
 
