@@ -153,16 +153,17 @@ def _ort_session(path: str | Path, threads: int, gpu: bool):
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, model_dir: str | Path, threads: int = 0) -> None:
+    def __init__(self, model_dir: str | Path, threads: int = 0, gpu: bool | None = None) -> None:
         self.meta = read_metadata(model_dir)
         path = Path(model_dir) / ONNX
-        session = _ort_session(path, threads, gpu=cuda_available()) if path.is_file() else None
+        gpu = cuda_available() if gpu is None else gpu
+        session = _ort_session(path, threads, gpu=gpu) if path.is_file() else None
         if session is None or onnx_model_id(session) not in ("", self.meta.model_id):
             # no graph (an export written without one), or a graph of other weights (an export interrupted
             # between its files): build it from the weights the metadata names, once, beside them
             model, self.meta = load_export(model_dir)
             export_onnx(model, self.meta.preprocess.image_size, path, self.meta.model_id)
-            session = _ort_session(path, threads, gpu=cuda_available())
+            session = _ort_session(path, threads, gpu=gpu)
         self.session = session
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
@@ -233,11 +234,14 @@ def preferred_batch(backend: str, gpu: bool) -> int:
     return 16 if resolve_backend(backend, gpu=False) == "torch-bf16" else 32
 
 
-def load_engine(model_dir: str | Path, backend: str = "auto", threads: int = 0, gpu: bool = False) -> Engine:
+def load_engine(model_dir: str | Path, backend: str = "auto", threads: int = 0, gpu: bool | None = None) -> Engine:
     """The engine screening and serving use (see the module docstring for what ``auto`` picks).
 
-    ``gpu``: Ray gave this process a GPU. Then a torch that finds none is an error, not a quiet CPU
-    engine on a GPU node (no NVIDIA device plugin, or a driver older than torch's CUDA build needs).
+    ``gpu``: whether Ray gave this process a GPU; None (scripts, benchmarks): whether torch sees one.
+    True with no GPU in sight is an error, not a quiet CPU engine on a GPU node (no NVIDIA device
+    plugin, or a driver older than torch's CUDA build needs). False keeps the engine on the CPU even
+    where the node's GPUs are visible: since Ray 2.60 an actor given no GPU still sees them all
+    (CUDA_VISIBLE_DEVICES is left as it is), and they belong to the actors that reserved them.
     """
     if gpu and not cuda_available():
         import torch
@@ -245,13 +249,15 @@ def load_engine(model_dir: str | Path, backend: str = "auto", threads: int = 0, 
         raise CxrError(f"this worker was given a GPU, but torch {torch.__version__} (CUDA {torch.version.cuda}) "
                        "finds none: check the node's NVIDIA driver (new enough for that CUDA version) and "
                        "device plugin, or run without GPUs")
-    backend = resolve_backend(backend)
+    if gpu is None:
+        gpu = cuda_available()
+    backend = resolve_backend(backend, gpu=gpu)
     if backend == "onnx":
-        return OnnxEngine(model_dir, threads=threads)
+        return OnnxEngine(model_dir, threads=threads, gpu=gpu)
     if backend in ("torch", "torch-bf16"):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        return TorchEngine(model_dir, bf16=True if backend == "torch-bf16" else None)
+        return TorchEngine(model_dir, device="cuda" if gpu else "cpu", bf16=True if backend == "torch-bf16" else None)
     raise CxrError(f"unknown engine {backend!r} (auto, torch, torch-bf16, onnx)")

@@ -393,6 +393,10 @@ def test_engines_agree_and_name_themselves(tmp_path: Path) -> None:
     if not torch.cuda.is_available():  # a worker Ray gave a GPU that torch cannot see must not score on the CPU
         with pytest.raises(CxrError, match="given a GPU, but torch"):
             load_engine(tmp_path / "m", "auto", gpu=True)
+    # a worker Ray gave no GPU stays on the CPU, even where it sees the node's GPUs (Ray >= 2.60 hides none)
+    cpu_only = load_engine(tmp_path / "m", "torch", gpu=False)
+    assert cpu_only.device.type == "cpu" and not cpu_only.bf16
+    assert load_engine(tmp_path / "m", "auto", gpu=False).name in ("onnx", "torch-bf16")
 
 
 def test_an_onnx_graph_of_other_weights_is_never_run_under_this_model_id(tmp_path: Path) -> None:
