@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -42,9 +43,15 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
     if system_config:
         kwargs["_system_config"] = system_config
     for attempt in range(1, attempts + 1):
+        if dashboard:
+            # the dashboard serves the State API that Ray Train's controller and placement-group cleaner query
+            # with no address: where other Ray instances run on this host, Ray's search for "the" one finds
+            # several and the cleaner's thread dies with a traceback. Name ours (a port taken meanwhile: retried)
+            port = free_port()
+            kwargs.update(dashboard_port=port,
+                          runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
         try:
-            # the dashboard serves the State API that Ray Train's controller queries; address="local": a new
-            # instance even where `ray start` left one running (Ray's default would join that one)
+            # address="local": a new instance even where `ray start` left one running (Ray's default would join it)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      **kwargs)
             return True
@@ -55,6 +62,24 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
             logging.getLogger("cxr").warning("Ray did not start (%s); retrying", first_line(exc)[:120])
             time.sleep(2.0)
     return False
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when nothing listens on host:port (checked before Ray grabs it, for a clear error)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port (tests and the benchmark never use 8000)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def cluster_address() -> str | None:

@@ -7,31 +7,13 @@ deploys (same builder, same options, same HTTP options).
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from dataclasses import dataclass
 
 from cxr.config import ServeConfig
 from cxr.errors import CxrError
+from jobs.common import free_port, port_free  # noqa: F401 - free_port: for the tests and the benchmark
 from serve.schema import DEPLOYMENT_NAME, serve_config_document
-
-
-def port_free(host: str, port: int) -> bool:
-    """True when nothing listens on host:port (checked before Ray grabs it, for a clear error)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port (tests and the benchmark never use 8000)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
