@@ -177,7 +177,7 @@ class ServeConfig:
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     graceful_shutdown_wait_loop_s: float = 2.0
-    graceful_shutdown_timeout_s: float = 20.0
+    graceful_shutdown_timeout_s: float = 35.0  # >= request_timeout_s: a replica being stopped answers what it holds
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
 
