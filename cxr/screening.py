@@ -793,7 +793,9 @@ def metrics_registry(s: Mapping[str, Any], success: bool = True):
 
 
 def failure_metrics_registry():
-    """What a run that failed before its summary exports: that it failed, and when."""
+    """What a run that failed before its summary exports: that it failed, and when. It is pushed and written
+    *over* the last run's figures (:func:`push_metrics`, :func:`write_metrics_file` with ``merge``), so the
+    last success's time and figures stay visible beside ``cxr_screen_success 0``."""
     from prometheus_client import CollectorRegistry
 
     return _outcome(CollectorRegistry(), success=False)
@@ -802,26 +804,62 @@ def failure_metrics_registry():
 def _outcome(reg: Any, success: bool) -> Any:
     from prometheus_client import Gauge
 
-    Gauge("cxr_screen_last_run_timestamp_seconds", "Unix time the run finished", registry=reg).set(time.time())
+    now = time.time()
+    Gauge("cxr_screen_last_run_timestamp_seconds", "Unix time the run finished, failed or not", registry=reg).set(now)
     Gauge("cxr_screen_success", "1 if the run completed (and passed --fail-on-error)", registry=reg).set(1 if success else 0)
+    if success:  # what a staleness alert needs: a job failing every night keeps the line above fresh
+        Gauge("cxr_screen_last_success_timestamp_seconds", "Unix time of the last run that succeeded",
+              registry=reg).set(now)
     return reg
 
 
-def write_metrics_file(registry: Any, path: str) -> None:
-    """Prometheus text format, written atomically (node_exporter may read it at any time)."""
+def write_metrics_file(registry: Any, path: str, merge: bool = False) -> None:
+    """Prometheus text format, written atomically (node_exporter may read it at any time). ``merge`` keeps
+    the file's other metrics (a failed run's two lines over the last success's figures, as a Pushgateway
+    POST does)."""
     from prometheus_client import write_to_textfile
 
-    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(Path(path).expanduser()), registry)  # writes a temp file and renames it
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if merge and target.is_file():
+        registry.register(_Kept(target.read_text(errors="replace"), {m.name for m in registry.collect()}))
+    write_to_textfile(str(target), registry)  # writes a temp file and renames it
 
 
-def push_metrics(registry: Any, url: str, job: str = "cxr_screen") -> None:
-    from prometheus_client import push_to_gateway
+class _Kept:
+    """A prometheus-client collector of the families of an earlier text-format file, less ``replaced``."""
 
-    try:
-        push_to_gateway(url, job=job, registry=registry, timeout=10)
-    except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, OSError
-        raise CxrError(f"cannot push metrics to the Pushgateway at {url}: {exc}") from None
+    def __init__(self, text: str, replaced: set[str]) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            self.families = [m for m in text_string_to_metric_families(text) if m.name not in replaced]
+        except ValueError:  # not ours, or damaged: the new lines alone
+            self.families = []
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
+#: seconds before each retry of a Pushgateway push: a night's figures outlive a brief outage
+PUSH_RETRY_DELAYS = (2.0, 8.0)
+
+
+def push_metrics(registry: Any, url: str, job: str = "cxr_screen", replace: bool = True,
+                 retry_delays: Sequence[float] = PUSH_RETRY_DELAYS) -> None:
+    """Push to a Pushgateway, retried after ``retry_delays``. ``replace`` (PUT) swaps the job's whole group
+    for these figures; otherwise (POST) only the metrics of the same names are replaced, as for a failed run."""
+    from prometheus_client import push_to_gateway, pushadd_to_gateway
+
+    push = push_to_gateway if replace else pushadd_to_gateway
+    for delay in (*retry_delays, None):
+        try:
+            push(url, job=job, registry=registry, timeout=10)
+            return
+        except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, OSError
+            if delay is None or (getattr(exc, "code", 500) or 500) < 500:  # a 4xx will not mend by waiting
+                raise CxrError(f"cannot push metrics to the Pushgateway at {url}: {exc}") from None
+            time.sleep(delay)
 
 
 @dataclass

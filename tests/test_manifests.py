@@ -205,7 +205,7 @@ def _one(docs: tuple[dict, ...], kind: str, name: str | None = None) -> dict:
 def test_overlay_renders_all_resources(overlay: str) -> None:
     kinds = sorted(d["kind"] for d in rendered(overlay))
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "ConfigMap", "RayJob", "RayCronJob",
-                            "RayService", "ServiceMonitor", "PodMonitor", "NetworkPolicy"])
+                            "RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy"])
     policy = _one(rendered(overlay), "NetworkPolicy")["spec"]  # the dashboard/Jobs API (code execution) stays inside
     opened = {p["port"] for rule in policy["ingress"] if "from" not in rule for p in rule["ports"]}
     assert opened == {8000} and policy["podSelector"] == {}
@@ -412,16 +412,11 @@ def test_dockerfile_base_image_matches_the_lock() -> None:
     assert all(p in allowed for p in ("cxr", "jobs", "serve")) and "COPY --chown=ray:users . ." not in text
 
 
-def test_grafana_dashboard_queries_only_series_that_exist() -> None:
-    """Every metric a panel queries is defined: by the Serve app, the screening job, or Ray Serve itself."""
+def _assert_series_exist(exprs: list[str]) -> set[str]:
+    """Every metric the PromQL ``exprs`` name is defined: by the Serve app, the screening job, or Ray Serve."""
     import ray
 
-    dash = json.loads((ROOT / "deploy" / "base" / "grafana" / "cxr-dashboard.json").read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    assert len(exprs) >= 15
     names = {n for e in exprs for n in re.findall(r"\b((?:ray_)?(?:cxr|serve)_[a-z_]+)\b", e)}
-    assert any(n.startswith("ray_cxr_") for n in names) and any(n.startswith("ray_serve_") for n in names)
-    assert any(n.startswith("cxr_screen_") for n in names)
     app = (ROOT / "serve" / "app.py").read_text() + (ROOT / "cxr" / "screening.py").read_text()
     serve_src = "".join(p.read_text() for p in (Path(ray.__file__).parent / "serve").rglob("*.py"))
     templates = [re.compile("^" + re.sub(r"\\\{[a-z_]+\\\}", "[a-z]+", re.escape(t)) + "$")
@@ -433,3 +428,30 @@ def test_grafana_dashboard_queries_only_series_that_exist() -> None:
         else:
             metric = base.removeprefix("ray_").removesuffix("_total")
             assert f'"{metric}"' in serve_src or any(t.match(metric) for t in templates), f"{name}: not a Ray Serve metric"
+    return names
+
+
+def test_grafana_dashboard_queries_only_series_that_exist() -> None:
+    dash = json.loads((ROOT / "deploy" / "base" / "grafana" / "cxr-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    names = _assert_series_exist(exprs)
+    assert any(n.startswith("ray_cxr_") for n in names) and any(n.startswith("ray_serve_") for n in names)
+    assert any(n.startswith("cxr_screen_") for n in names)
+
+
+def test_alert_rules_are_complete_and_query_only_series_that_exist() -> None:
+    """The PrometheusRule: each alert has a severity, a summary and a duration; its series exist; the
+    screening alerts cover a missed night (last *success*), a failed run and a lost Pushgateway."""
+    rule = _one(rendered("cpu"), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(rules) >= 10 and len({r["alert"] for r in rules}) == len(rules)
+    for r in rules:
+        assert r["labels"]["severity"] in ("warning", "critical") and r["annotations"]["summary"], r["alert"]
+        assert re.fullmatch(r"\d+[smh]", r["for"]), r["alert"]
+        assert r["expr"].count("(") == r["expr"].count(")"), r["alert"]
+    names = _assert_series_exist([r["expr"] for r in rules])
+    assert {"cxr_screen_last_success_timestamp_seconds", "cxr_screen_success", "ray_cxr_model_info",
+            "ray_serve_deployment_replica_healthy", "ray_serve_http_request_latency_ms_bucket"} <= names
+    assert any(r["expr"].startswith("absent(cxr_screen_") for r in rules)

@@ -222,6 +222,19 @@ def test_prometheus_file_parses_back(screened) -> None:
     assert fams["cxr_screen_success"].samples[0].value == 1
     errors = {s.labels["code"]: s.value for s in fams["cxr_screen_error_files"].samples}
     assert errors["too_large"] == 1 and errors["read_failed"] == 0
+
+
+def test_a_failed_run_marks_the_metrics_file_failed_and_keeps_the_last_successs_figures(screened, tmp_path) -> None:
+    prom = tmp_path / "screen.prom"
+    prom.write_text((screened["root"] / "screen.prom").read_text())
+    res = invoke("screen", str(screened["archive"]), "--model", str(tmp_path / "no-model"), "--output",
+                 str(tmp_path / "o"), "-q", "--metrics-file", str(prom))
+    assert res.exit_code == 2, res.output
+    fams = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    assert fams["cxr_screen_success"].samples[0].value == 0
+    assert fams["cxr_screen_scored_files"].samples[0].value == 12  # the last success's, kept
+    assert fams["cxr_screen_last_success_timestamp_seconds"].samples[0].value < \
+        fams["cxr_screen_last_run_timestamp_seconds"].samples[0].value
     assert fams["cxr_screen_images_per_second"].samples[0].value > 0
     info = fams["cxr_screen_model_info"].samples[0].labels
     assert info["model_version"] == "tiny-test" and len(info["model_id"]) == 64

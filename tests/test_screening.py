@@ -321,14 +321,26 @@ def test_a_run_with_nothing_new_exports_no_rates() -> None:
 
 
 def test_push_to_a_real_http_gateway() -> None:
+    """A success replaces the job's group (PUT); a failure replaces only its own lines (POST), so the last
+    success's time and figures stay beside cxr_screen_success 0; a 5xx is retried, a 4xx is not."""
     received: list[tuple[str, str, bytes]] = []
+    group: dict[str, str] = {}  # metric name -> its text, as a Pushgateway keeps one job's group
+    answers = [503]  # the first request meets a gateway restarting
 
     class Gateway(http.server.BaseHTTPRequestHandler):
-        def do_PUT(self) -> None:  # noqa: N802 - http.server naming
+        def _push(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             received.append((self.command, self.path, body))
-            self.send_response(200)
+            status = answers.pop(0) if answers else 200
+            if status == 200:
+                fams = {f.name: body for f in text_string_to_metric_families(body.decode())}
+                if self.command == "PUT":
+                    group.clear()
+                group.update(fams)
+            self.send_response(status)
             self.end_headers()
+
+        do_PUT = do_POST = _push  # noqa: N815 - http.server naming
 
         def log_message(self, *args) -> None:
             pass
@@ -336,15 +348,41 @@ def test_push_to_a_real_http_gateway() -> None:
     server = http.server.HTTPServer(("127.0.0.1", 0), Gateway)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
     try:
-        S.push_metrics(S.metrics_registry(_summary()), f"http://127.0.0.1:{server.server_port}")
+        S.push_metrics(S.metrics_registry(_summary()), url, retry_delays=(0.1,))
+        assert [r[0] for r in received] == ["PUT", "PUT"]  # the 503 was retried
+        S.push_metrics(S.failure_metrics_registry(), url, replace=False, retry_delays=())
+        answers.append(400)
+        with pytest.raises(CxrError, match="Pushgateway"):
+            S.push_metrics(S.metrics_registry(_summary()), url, retry_delays=(0.1, 0.1))
     finally:
         server.shutdown()
         server.server_close()
-    assert received and received[0][1] == "/metrics/job/cxr_screen"
-    assert b"cxr_screen_scored_files 7.0" in received[0][2]
+    assert [r[0] for r in received] == ["PUT", "PUT", "POST", "PUT"]  # the 400 was not retried
+    assert received[1][1] == "/metrics/job/cxr_screen" and b"cxr_screen_scored_files 7.0" in received[1][2]
+    assert {"cxr_screen_scored_files", "cxr_screen_last_success_timestamp_seconds"} <= set(group)
+    assert b"cxr_screen_success 0.0" in group["cxr_screen_success"]
+    assert b"last_success" not in received[2][2]
     with pytest.raises(CxrError, match="Pushgateway"):
-        S.push_metrics(S.metrics_registry(_summary()), "http://127.0.0.1:9")  # nothing listens there
+        S.push_metrics(S.metrics_registry(_summary()), "http://127.0.0.1:9", retry_delays=())  # nothing listens
+
+
+def test_a_failed_run_keeps_the_last_successful_runs_lines_in_the_metrics_file(tmp_path: Path) -> None:
+    path = tmp_path / "screen.prom"
+    S.write_metrics_file(S.metrics_registry(_summary()), str(path))
+    S.write_metrics_file(S.failure_metrics_registry(), str(path), merge=True)
+    fams = {f.name: f for f in text_string_to_metric_families(path.read_text())}
+    assert fams["cxr_screen_success"].samples[0].value == 0
+    assert fams["cxr_screen_scored_files"].samples[0].value == 7
+    assert fams["cxr_screen_last_success_timestamp_seconds"].samples[0].value <= \
+        fams["cxr_screen_last_run_timestamp_seconds"].samples[0].value
+    assert [ln for ln in path.read_text().splitlines() if ln.startswith("cxr_screen_success ")] == ["cxr_screen_success 0.0"]
+    S.write_metrics_file(S.metrics_registry(_summary()), str(path))  # a success writes its own lines only
+    path.write_text("not prometheus text {")
+    S.write_metrics_file(S.failure_metrics_registry(), str(path), merge=True)  # a damaged file: the new lines
+    assert {f.name for f in text_string_to_metric_families(path.read_text())} == \
+        {"cxr_screen_last_run_timestamp_seconds", "cxr_screen_success"}
 
 
 def test_topology_fits_the_cluster_or_asks_its_autoscaler_for_more() -> None:

@@ -170,9 +170,9 @@ def _emit_failure_metrics(cfg: ScreenConfig) -> None:
     reg = S.failure_metrics_registry()
     try:
         if cfg.metrics_file:
-            S.write_metrics_file(reg, cfg.metrics_file)
+            S.write_metrics_file(reg, cfg.metrics_file, merge=True)
         if cfg.pushgateway:
-            S.push_metrics(reg, cfg.pushgateway)
+            S.push_metrics(reg, cfg.pushgateway, replace=False, retry_delays=())  # a pod being stopped has seconds
     except Exception:  # noqa: BLE001 - the original error is the one to show
         pass
 
