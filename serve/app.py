@@ -320,8 +320,9 @@ class CxrModel:
         """``cxr_*`` series; Ray exports them (prefixed ``ray_``) on its metrics port."""
         m = serve_metrics
         self.m_requests = m.Counter("cxr_requests_total", "HTTP requests by route and status.", ("route", "status"))
-        self.m_latency = m.Histogram("cxr_request_latency_ms", "End-to-end request latency in the replica (ms).",
-                                     LATENCY_BUCKETS_MS, ("route",))
+        self.m_latency = m.Histogram("cxr_request_latency_ms", "End-to-end request latency in the replica (ms), "
+                                     "by route and status class (2xx, 4xx, 5xx: a fast refusal is no fast answer).",
+                                     LATENCY_BUCKETS_MS, ("route", "status_class"))
         self.m_batch = m.Histogram("cxr_batch_size", "Images per model forward (dynamic batching).", BATCH_BUCKETS)
         self.m_forward = m.Histogram("cxr_forward_latency_ms", "Time of one model forward (a whole batch, ms).",
                                      LATENCY_BUCKETS_MS)
@@ -490,7 +491,7 @@ class CxrModel:
                 n_images: int) -> float:
         latency_ms = (time.perf_counter() - t0) * 1000.0
         self.m_requests.inc(tags={"route": route, "status": str(status)})
-        self.m_latency.observe(latency_ms, tags={"route": route})
+        self.m_latency.observe(latency_ms, tags={"route": route, "status_class": f"{status // 100}xx"})
         if code:
             self.m_errors.inc(tags={"code": code})
         self.access.info(json.dumps({

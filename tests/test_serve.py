@@ -650,7 +650,9 @@ def test_metrics_endpoint_shows_cxr_counters_moving(server, client, sample_image
     assert _total(text, "ray_cxr_requests_total", route="/v1/predict", status="415") >= 1
     assert _total(text, "ray_cxr_errors_total", code="truncated") >= 1
     assert _total(text, "ray_cxr_predictions_total") > 0
-    assert _total(text, "ray_cxr_batch_size_count") > 0 and _total(text, "ray_cxr_request_latency_ms_count") > 0
+    assert _total(text, "ray_cxr_batch_size_count") > 0
+    assert _total(text, "ray_cxr_request_latency_ms_count", route="/v1/predict", status_class="2xx") >= ok_before + 3
+    assert _total(text, "ray_cxr_request_latency_ms_count", route="/v1/predict", status_class="4xx") >= 1  # the 415
     assert _total(text, "ray_cxr_forward_latency_ms_count") > 0
     # the mean batch size from the exact counter: every forward has >= 1 image (Ray's histogram _sum
     # is count x bucket midpoint, which reads 0.5 for batches of 1)
