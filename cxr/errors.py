@@ -37,6 +37,17 @@ class ImageError(CxrError):
         self.code = code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, docker stop) or SIGHUP (a closed terminal), taken down Ctrl-C's path: what was
+    scored is flushed, Ray is stopped, and the CLI exits 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def first_line(exc: BaseException | str) -> str:
     """The first line of an exception's message (its type's name when it has none): for one-line errors."""
     text = str(exc).strip()

@@ -301,7 +301,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
     import ray.data
 
     from cxr.engine import preferred_batch, resolve_backend
-    from jobs.common import cluster_address, init_ray
+    from jobs.common import cluster_address, init_ray, interrupt_on_termination
 
     def report(stage: str = "") -> None:
         if on_progress:
@@ -311,6 +311,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         address = cluster_address()
         report(f"connecting to the Ray cluster at {address}" if address else "starting a local Ray instance")
     started = init_ray(dashboard=False)  # a local screening run needs no dashboard: ~2 s and a CPU-hungry agent less
+    interrupt_on_termination()  # SIGTERM: flush the scored rows and stop Ray, like Ctrl-C
     try:
         _quiet_ray_data()
         res = ray.cluster_resources()

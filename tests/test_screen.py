@@ -531,6 +531,42 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(screened, ray_local, tmp_p
     assert all(pq.read_metadata(p).num_rows > 0 for p in S.list_parts(*open_fs(str(killed))))
 
 
+def test_sigterm_flushes_what_was_scored_and_exits_143(screened, ray_local, tmp_path, data_dir) -> None:
+    """Kubernetes stops a job with SIGTERM: Ctrl-C's path (rows flushed, one line), not Ray's sys.exit or
+    its core worker's stack dump and abort (exit 134); the rerun completes the archive exactly once."""
+    files = sorted((data_dir / "train" / "NORMAL").glob("*.jpeg"))[:40]
+    archive = tmp_path / "arch"
+    archive.mkdir()
+    for p in files:
+        os.symlink(p, archive / p.name)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*CXR, "screen", str(archive), "-m", str(screened["model"]), "-o", str(out),
+                             "--batch-size", "2", "--part-rows", "2", "--no-report", "-q",
+                             "--metrics-file", str(tmp_path / "m.prom")], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and len(S.list_parts(*open_fs(str(out)))) < 2:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before SIGTERM:\n{proc.stdout.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGTERM)  # the driver only, as the kubelet does to a container's process
+        text = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, text[-2000:]
+    assert text.strip().splitlines()[-1] == "terminated (SIGTERM)", text[-2000:]
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-2000:]
+    assert "cxr_screen_success 0.0" in (tmp_path / "m.prom").read_text()
+    partial = S.read_parts(str(out)).num_rows
+    assert 0 < partial < len(files)
+    res = invoke("screen", str(archive), "-m", str(screened["model"]), "-o", str(out), "-q", "--no-report")
+    assert res.exit_code == 0 and f"skipped (already done): {partial}" in res.output, res.output
+    paths = S.read_parts(str(out)).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == len(files)
+
+
 def test_scorer_turns_non_finite_probabilities_into_error_rows(tiny_model) -> None:
     """The actor class alone (no Ray): a NaN input that got past decoding must give an error row, not a label."""
     from jobs.screen import Scorer

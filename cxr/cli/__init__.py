@@ -7,6 +7,7 @@ Each sub-command lives in its own module and imports Ray/torch lazily, so
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -31,9 +32,11 @@ class _Main(click.Group):
                 raise
             click.secho(f"error: {_os_message(exc)}", fg="red", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or a cxr.errors.Terminated (SIGTERM, SIGHUP)
+            signum = getattr(exc, "signum", signal.SIGINT)
+            click.echo("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})",
+                       err=True)
+            sys.exit(128 + signum)
 
 
 def _os_message(exc: OSError) -> str:

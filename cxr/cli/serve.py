@@ -118,17 +118,16 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
     token = api_token()  # the replicas refuse a blank one too: say so before Ray starts
     click.echo(f"starting Ray Serve for model {meta.model_id[:12]} ({meta.model_version or 'unnamed'}) ...", err=True)
 
-    def _terminate(signum, frame):  # SIGTERM (docker stop, Kubernetes, systemd) behaves like Ctrl-C: drain and stop
-        raise KeyboardInterrupt
+    from jobs.common import interrupt_on_termination
 
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_termination()  # SIGTERM (docker stop, Kubernetes, systemd) behaves like Ctrl-C: drain and stop
     # an ignored SIGINT is inherited from the parent process (Python then installs no Ctrl-C handler):
     # install it explicitly so Ctrl-C always stops the server
     signal.signal(signal.SIGINT, signal.default_int_handler)
     started = None
     try:
         started = runner.start(cfg, num_cpus=num_cpus, quiet=True)
-        signal.signal(signal.SIGTERM, _terminate)  # again: ray.init installed its own (sys.exit, no drain)
+        interrupt_on_termination()  # again: ray.init installed its own (sys.exit, no drain)
 
         base = started.base_url
         click.echo(f"cxr serve: model {meta.model_id[:12]} ({', '.join(meta.classes)}; threshold {meta.threshold:.3f})")
@@ -150,8 +149,8 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
         if started is not None:
             # a second Ctrl-C/SIGTERM (impatient user, a supervisor repeating itself) must not cut the
             # drain short and skip ray.shutdown: the watchdog below bounds the wait instead
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             # Ray's own shutdown can block (seen after other Ray sessions on the machine): never hang on
             # Ctrl-C. A hard exit still stops everything we started: Ray's processes die with their parent.
             watchdog = threading.Timer(cfg.graceful_shutdown_timeout_s + 45.0, _forced_exit)
