@@ -41,6 +41,7 @@ a newer part; readers keep the newest row per path (:func:`dedupe_latest`,
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
@@ -569,6 +570,8 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
     bad = 0
 
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: its files would get no rows
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)):  # moved or deleted since its parent was listed
+            return
         raise CxrError(f"cannot list {exc.filename}: {exc.strerror or exc}")
 
     for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
@@ -585,17 +588,23 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
         for name in names:
             full = os.path.join(folder, name)
             try:
-                st = os.stat(full)
-            except OSError:  # a dangling link; an unreadable file still stats (its folder lists it)
+                st: os.stat_result | None = os.stat(full)
+            except (FileNotFoundError, NotADirectoryError):  # a dangling link, or deleted since listed
                 continue
-            if not stat.S_ISREG(st.st_mode):
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link to itself
+                    continue
+                st = None  # listed, not stat-able (its folder lacks execute permission): an input all the same,
+                #            whose read gives a read_failed row rather than no row
+            if st is not None and not stat.S_ISREG(st.st_mode):
                 continue
             try:
                 full.encode("utf-8")
             except UnicodeEncodeError:
                 bad += 1
                 continue
-            out.append(pafs.FileInfo(full, type=pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns))
+            out.append(pafs.FileInfo(full, type=pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns)
+                       if st is not None else pafs.FileInfo(full, type=pafs.FileType.File, size=0))
     _warn_undecodable(bad)
     return out, bad
 

@@ -6,6 +6,7 @@ No Ray here; tests/test_screen.py runs the real job.
 from __future__ import annotations
 
 import http.server
+import shutil
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -208,6 +209,35 @@ def test_listing_follows_folder_links_once_and_never_loops(tmp_path: Path) -> No
     assert len(S.list_archive(str(archive), glob=f"{archive}/sub/*")[0]) == 1
     with pytest.raises(CxrError, match="outside the archive"):
         S.list_archive(str(archive), glob="/somewhere/else/*")
+
+
+def test_folders_moved_away_while_listed_are_skipped_not_fatal(tmp_path: Path) -> None:
+    """An ingest step moving study folders while the night's listing runs: a folder gone between its parent's
+    listing and its own is like a deleted file (it made the whole run refuse, exit 2: 393 of 816 listings)."""
+    archive = tmp_path / "archive"
+    for i in range(40):
+        (archive / f"s{i:02d}").mkdir(parents=True)
+        (archive / f"s{i:02d}/a.png").write_bytes(b"x")
+    stop = threading.Event()
+
+    def churn() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            incoming = archive / f"incoming{k}"
+            (incoming / "sub").mkdir(parents=True)
+            (incoming / "sub/b.png").write_bytes(b"x")
+            shutil.rmtree(incoming)
+
+    mover = threading.Thread(target=churn, daemon=True)
+    mover.start()
+    try:
+        for _ in range(150):
+            files = S.list_archive(str(archive))[0]
+            assert len([f for f in files if f.path.startswith(str(archive / "s"))]) == 40
+    finally:
+        stop.set()
+        mover.join(10)
 
 
 def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
