@@ -6,8 +6,17 @@ from __future__ import annotations
 class CxrError(Exception):
     """A user-facing failure: bad arguments, missing data, unreadable model.
 
-    The CLI catches it, prints ``error: <message>`` and exits non-zero.
+    The CLI catches it, prints ``error: <message>`` and exits with ``exit_code``.
     """
+
+    exit_code = 2
+
+
+class Busy(CxrError):
+    """Another run holds what this one needs (an output folder): nothing is wrong, try again later.
+    Exit 75 (EX_TEMPFAIL), and no failure is reported to Prometheus: the run holding it is healthy."""
+
+    exit_code = 75
 
 
 class ImageError(CxrError):

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 
 from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
-from cxr.errors import CxrError
+from cxr.errors import Busy, CxrError
 from cxr.storage import child_uri, is_local, open_fs, uri_prefix, writable_folder
 
 if TYPE_CHECKING:  # the decode workers need no model code
@@ -204,7 +204,7 @@ def _lock(location: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CxrError(f"another `cxr screen` is writing to {location}; wait for it or use another --output") from None
+            raise Busy(f"another `cxr screen` is writing to {location}; wait for it or use another --output") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield

@@ -419,6 +419,26 @@ def test_file_system_mistakes_are_one_line_each(ray_local, tiny_model, tmp_path,
     assert res.exit_code == 0 and "warning: no input files under" in res.output, res.output
 
 
+def test_a_second_run_on_a_busy_output_exits_75_and_reports_no_failure(screened, tmp_path) -> None:
+    """An overlapping nightly run (a retried cron) is refused before anything starts: EX_TEMPFAIL, and no
+    cxr_screen_success 0 for a run that is healthy in the other process."""
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(str(out / S.LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the running `cxr screen` holds
+        res = invoke("screen", str(screened["archive"]), "-m", str(screened["model"]), "-o", str(out), "-q",
+                     "--metrics-file", str(tmp_path / "m.prom"))
+    finally:
+        os.close(fd)
+    assert res.exit_code == 75, res.output
+    assert res.output.strip().splitlines() == [f"error: another `cxr screen` is writing to {out}; wait for it or "
+                                               "use another --output"], res.output
+    assert not (tmp_path / "m.prom").exists()
+
+
 def test_a_metrics_file_that_cannot_be_written_fails_after_the_summary(screened, tmp_path) -> None:
     (tmp_path / "m.prom").mkdir()  # a folder where the file should go
     res = invoke("screen", str(screened["archive"]), "--model", str(screened["model"]), "--output",

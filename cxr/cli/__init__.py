@@ -26,7 +26,7 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except CxrError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
         except OSError as exc:  # an output path that is a file, a folder without write permission, a full disk
             if os.environ.get("CXR_DEBUG") == "1":  # a bug can be an OSError too: its traceback on request
                 raise

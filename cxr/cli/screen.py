@@ -11,7 +11,7 @@ from typing import get_args
 import click
 
 from cxr.config import ENGINE_HELP, ENGINES, NewModel, ScreenConfig, save_json
-from cxr.errors import CxrError
+from cxr.errors import Busy, CxrError
 
 _D = ScreenConfig()
 
@@ -118,7 +118,8 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
       cxr screen /data/archive -m runs/r1/model -o screens/try --limit 100 --no-report   # the first 100 files by path
 
     Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts.
-    Exit status: 0 done (error rows allowed), 1 --fail-on-error and errors, 2 unusable input.
+    Exit status: 0 done (error rows allowed), 1 --fail-on-error and errors, 2 unusable input,
+    75 another run is writing to --output (try later), 130 Ctrl-C, 143 SIGTERM (what was scored is kept).
     """
     from cxr import screening as S
     from cxr.storage import join, open_fs
@@ -129,8 +130,8 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     summary: dict | None = None
     try:
         summary = run_screen(cfg, on_progress=progress)
-    except BaseException:  # a CxrError, a bug, Ctrl-C: either way Prometheus must see the nightly run fail
-        if cfg.metrics_file or cfg.pushgateway:
+    except BaseException as exc:  # a CxrError, a bug, Ctrl-C: either way Prometheus must see the nightly run fail
+        if (cfg.metrics_file or cfg.pushgateway) and not isinstance(exc, Busy):  # Busy: the holder is healthy
             _emit_failure_metrics(cfg)
         raise
     finally:
