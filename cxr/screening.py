@@ -72,14 +72,15 @@ RESULTS_DIR = "results"
 TMP_DIR = "_tmp"
 REPORT_DIR = "report"
 REPLACED_DIR = "replaced"  # another model's results, set aside by --force
+STATS_DIR = "stats"  # (path, size, mtime) of files found already scored whose rows lack it (record_stats)
 SUMMARY_FILE = "summary.json"
 #: error codes that mean "try again next run" rather than "this file is bad"
 RETRY_CODES = frozenset({"read_failed", "out_of_memory"})
 _SNIFF_BYTES = 132  # enough for every magic number, DICOM's "DICM" sits at 128
 #: a file modified this close to the listing is not trusted by (size, mtime) alone: a rewrite within
 #: the file system's timestamp granularity (a few ms, a second on S3), or by a server whose clock is
-#: a little off, could keep both ("racy git"). Its mtime is not recorded, so later runs read it (and
-#: find it done by its hash) until it changes: ~0.07 % of files arriving around the clock.
+#: a little off, could keep both ("racy git"). Its mtime is not recorded; the next run hashes it and,
+#: found unchanged and settled, records its stat (:func:`record_stats`).
 SETTLED_NS = 60 * 10**9
 
 
@@ -221,25 +222,73 @@ def unchanged_keys(results: pa.Table, model_id: str) -> np.ndarray:
     return resume_keys(results, model_id)[1]
 
 
-def resume_keys(results: pa.Table, model_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(:func:`done_keys`, :func:`unchanged_keys`) from one pass over the current rows: a rerun needs
-    both, and the newest-row-per-path sort is the costly part on a large results folder."""
+class ResumeKeys(NamedTuple):
+    done: np.ndarray  # :func:`done_keys`
+    unchanged: np.ndarray  # :func:`unchanged_keys`, and the stat records that vouch for a current row
+    scored_paths: frozenset[str]  # paths whose current row this model scored
+
+
+def resume_keys(results: pa.Table, model_id: str, stats: pa.Table | None = None) -> ResumeKeys:
+    """:func:`done_keys` and :func:`unchanged_keys` from one pass over the current rows (a rerun needs
+    both, and the newest-row-per-path sort is the costly part on a large results folder), plus the
+    stat keys of ``stats`` records (:func:`record_stats`) whose (path, sha256) is a current row's."""
     empty = np.zeros(0, dtype="S16")
     if results.num_rows == 0:
-        return empty, empty
+        return ResumeKeys(empty, empty, frozenset())
     current = dedupe_latest(results)
     wanted = ("path", "sha256", "model_id", "error_code", "size_bytes", "mtime_ns")
     t = current.select([c for c in wanted if c in current.column_names]).to_pydict()
     mtimes = t.get("mtime_ns") or [None] * current.num_rows
     sizes = t.get("size_bytes") or [None] * current.num_rows
-    done, unchanged = set(), set()
+    done, unchanged, paths = set(), set(), set()
     for p, s, mid, e, n, m in zip(t["path"], t["sha256"], t["model_id"], t["error_code"], sizes, mtimes):
         if mid != model_id or not s or e in RETRY_CODES:
             continue
         done.add(resume_key(p, s))
+        paths.add(p)
         if m is not None and n is not None:
             unchanged.add(stat_key(p, n, m))
-    return np.array(sorted(done), dtype="S16"), np.array(sorted(unchanged), dtype="S16")
+    if stats is not None and stats.num_rows:
+        st = stats.to_pydict()
+        for p, s, mid, n, m in zip(st["path"], st["sha256"], st["model_id"], st["size_bytes"], st["mtime_ns"]):
+            if mid == model_id and resume_key(p, s) in done:  # the content the current row scored
+                unchanged.add(stat_key(p, n, m))
+    return ResumeKeys(np.array(sorted(done), dtype="S16"), np.array(sorted(unchanged), dtype="S16"),
+                      frozenset(paths))
+
+
+_STATS_SCHEMA = pa.schema([("path", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
+                           ("sha256", pa.string()), ("model_id", pa.string())])
+
+
+def record_stats(location: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Remember the settled (size, mtime) of files a run found already scored by content.
+
+    A row carries the stat of its file when it was listed, and only when settled (:data:`SETTLED_NS`):
+    a file copied in a minute before its first run, or changed between listing and reading, has a row
+    without a usable one, and would be read and hashed again by every later run, Ray started for it.
+    One small Parquet file per run under ``OUTPUT/stats/``; :func:`resume_keys` trusts a record only
+    while its (path, sha256) is the path's current row."""
+    if not records:
+        return
+    fs, out_dir = open_fs(location)
+    fs.create_dir(f"{out_dir}/{STATS_DIR}", recursive=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(list(records), schema=_STATS_SCHEMA), sink)
+    name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
+    write_bytes_atomic(fs, f"{out_dir}/{STATS_DIR}/{name}", sink.getvalue().to_pybytes())
+
+
+def read_stats(location: str) -> pa.Table | None:
+    """Every record :func:`record_stats` wrote (None when there are none)."""
+    fs, out_dir = open_fs(location)
+    folder = f"{out_dir}/{STATS_DIR}"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return None
+    names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File
+                   and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", ".")))
+    tables = [pq.read_table(n, filesystem=fs, schema=_STATS_SCHEMA) for n in names]
+    return pa.concat_tables(tables) if tables else None
 
 
 def is_done(keys: np.ndarray, key: bytes) -> bool:

@@ -268,10 +268,12 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         else:
             done = S.read_parts(cfg.output, classes, columns=["path", "size_bytes", "mtime_ns", "sha256", "model_id",
                                                               "error_code", "scored_at"])
-            keys, unchanged = S.resume_keys(done, meta.model_id)
-            todo = [f for f in files if f.mtime_ns is None  # unchanged since scored: not even read
-                    or not S.is_done(unchanged, S.stat_key(f.path, f.size, f.mtime_ns))]
+            resume = S.resume_keys(done, meta.model_id, S.read_stats(cfg.output))
             del done
+            keys = resume.done
+            todo = [f for f in files if f.mtime_ns is None  # unchanged since scored: not even read
+                    or not S.is_done(resume.unchanged, S.stat_key(f.path, f.size, f.mtime_ns))]
+            todo = _recheck_scored(todo, fs, resume, cfg.output, meta.model_id)
         stats = _execute(cfg, meta, todo, fs, keys, labels, on_progress, t0, total=len(files))
         duration = time.perf_counter() - t0
         summary = S.summarize_counts(
@@ -284,6 +286,49 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         S.write_bytes_atomic(out_fs, f"{out_dir}/{S.SUMMARY_FILE}",
                              (json.dumps(summary, indent=2, default=str) + "\n").encode())
     return summary
+
+
+def _recheck_scored(files: list[S.InputFile], fs: pafs.FileSystem, resume: S.ResumeKeys, output: str,
+                    model_id: str) -> list[S.InputFile]:
+    """``files`` less those at paths this model scored whose content is still what it scored.
+
+    Their stat did not vouch for them (a file listed under a minute after it was written has a row without
+    an mtime; one changed between listing and reading, the listing's stat): hashed here, in threads,
+    before Ray is started for them. The same content is skipped and its settled stat recorded
+    (:func:`cxr.screening.record_stats`), so the next run skips it unread; other content is scored.
+    """
+    suspects = [f for f in files if f.path in resume.scored_paths]
+    if not suspects:
+        return files
+    reader = None if isinstance(fs, pafs.LocalFileSystem) else fs
+
+    def digest(f: S.InputFile) -> tuple[str | None, bool]:
+        """(sha256, whether the listing's stat still holds after the read: only then may it be recorded)."""
+        try:
+            sha = _sha256_in_chunks(reader, f.fs_path)
+            if reader is not None:
+                info = reader.get_file_info(f.fs_path)
+                return sha, (info.size, info.mtime_ns) == (f.size, f.mtime_ns)
+            st = os.stat(f.fs_path)
+            return sha, (st.st_size, st.st_mtime_ns) == (f.size, f.mtime_ns)
+        except OSError:
+            return None, False  # unreadable now: the scoring step writes its read_failed row
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        shas = dict(zip((f.path for f in suspects), pool.map(digest, suspects)))
+    todo, records = [], []
+    for f in files:
+        sha, stable = shas.get(f.path, (None, False))
+        if sha and S.is_done(resume.done, S.resume_key(f.path, sha)):
+            if f.mtime_ns is not None and stable:  # settled, and unchanged while hashed: it vouches from now on
+                records.append({"path": f.path, "size_bytes": f.size, "mtime_ns": f.mtime_ns, "sha256": sha,
+                                "model_id": model_id})
+            continue
+        todo.append(f)
+    S.record_stats(output, records)
+    return todo
 
 
 def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile], fs: pafs.FileSystem,

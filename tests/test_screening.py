@@ -166,6 +166,27 @@ def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[P
         S.list_archive(str(tmp_path / "missing"))
 
 
+def test_stat_records_vouch_only_for_the_content_of_the_current_row(tmp_path: Path) -> None:
+    """A stat record (a file found already scored by its hash) lets later runs skip the file unread, while
+    the path's current row is the content it was recorded for, and for that model only."""
+    rows = S.build_rows(_base(["/a.png", "/b.png"]), np.array([[0.9, 0.1], [0.2, 0.8]]), [True, True], CLASSES,
+                        0.5, "m", "v")  # no mtimes: both files were fresh when listed
+    sha_a, sha_b = rows.column("sha256").to_pylist()
+    out = str(tmp_path / "o")
+    S.record_stats(out, [{"path": "/a.png", "size_bytes": 10, "mtime_ns": 5, "sha256": sha_a, "model_id": "m"},
+                         {"path": "/b.png", "size_bytes": 10, "mtime_ns": 6, "sha256": "f" * 64, "model_id": "m"},
+                         {"path": "/b.png", "size_bytes": 10, "mtime_ns": 7, "sha256": sha_b, "model_id": "other"}])
+    S.record_stats(out, [])  # nothing to record: no file
+    stats = S.read_stats(out)
+    assert stats.num_rows == 3 and len(list((tmp_path / "o" / S.STATS_DIR).iterdir())) == 1
+    keys = S.resume_keys(rows, "m", stats)
+    assert S.is_done(keys.unchanged, S.stat_key("/a.png", 10, 5))
+    assert not S.is_done(keys.unchanged, S.stat_key("/b.png", 10, 6))  # recorded for other content
+    assert not S.is_done(keys.unchanged, S.stat_key("/b.png", 10, 7))  # recorded for another model
+    assert keys.scored_paths == {"/a.png", "/b.png"} and S.resume_keys(rows, "m").unchanged.size == 0
+    assert S.read_stats(str(tmp_path / "empty")) is None
+
+
 def test_parts_written_before_schema_v2_read_with_null_mtimes(tmp_path: Path) -> None:
     """A folder screened by an earlier cxr (no mtime_ns column) keeps working: its files are simply read again."""
     out = str(tmp_path / "o")
