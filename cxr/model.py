@@ -59,7 +59,8 @@ def pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
     if path.is_dir() and (path / WEIGHTS).is_file():  # an export of ours: fine-tune from its weights
         path = path / WEIGHTS
     if not path.is_file():
-        raise CxrError(f"--pretrained: {source!r} is neither 'imagenet', 'none' nor an existing file")
+        raise CxrError(f"--pretrained: {source!r} is neither 'imagenet', 'none', a weights file nor a cxr model "
+                       "export folder")
     with path.open("rb") as f:  # torch.save writes a zip archive (a legacy one, a pickle)
         if not (zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"):
             raise CxrError(f"--pretrained: {path} is not a PyTorch weights file; give a file written by "

@@ -154,13 +154,15 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     """404/405 etc. as JSON like every other error."""
     codes = {404: "not_found", 405: "method_not_allowed"}
     return JSONResponse({"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail),
-                         "request_id": request.headers.get("x-request-id")}, status_code=exc.status_code)
+                         "request_id": request.headers.get("x-request-id")}, status_code=exc.status_code,
+                        headers={"Cache-Control": "no-store"})
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"code": "invalid_request", "message": str(exc.errors())[:500],
-                         "request_id": request.headers.get("x-request-id")}, status_code=422)
+                         "request_id": request.headers.get("x-request-id")}, status_code=422,
+                        headers={"Cache-Control": "no-store"})
 
 
 # ---------------------------------------------------------------- helpers (pure, testable)

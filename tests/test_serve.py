@@ -578,7 +578,10 @@ def test_other_errors_are_json(client, sample_images) -> None:
                     headers={"Content-Type": "image/jpeg", **AUTH})
     assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
     r = client.get("/v1/nothing-here")
-    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    assert r.status_code == 404 and r.json()["code"] == "not_found" and r.headers["cache-control"] == "no-store"
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    assert r.headers["cache-control"] == "no-store"
     r = client.post("/v1/predict/batch", headers=AUTH,
                     files=[("files", (f"{i}.jpeg", b"\xff\xd8\xff", "image/jpeg")) for i in range(33)])
     assert r.status_code == 413 and r.json()["code"] == "too_many_images"
