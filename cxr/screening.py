@@ -537,6 +537,7 @@ class Listing(NamedTuple):
     fs: pafs.FileSystem
     not_images: int  # files that are not images by name or content (notes, manifests)
     unnamed: int  # files whose names are not UTF-8: no row could name them, so they are counted and warned of
+    hidden: int = 0  # files and folders whose names start with '.' (left out, counted; see _hidden)
 
 
 def list_archive(archive: str, glob: str | None = None, limit: int | None = None,
@@ -559,14 +560,17 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         raise CxrError(f"archive not found: {archive}")
     base = root
     try:
-        if info.type == pafs.FileType.File:
+        hidden = 0
+        if info.type == pafs.FileType.File:  # named by the user: screened whatever its name
             named, unnamed = _decodable([info])
             base = str(PurePosixPath(root).parent)
         elif isinstance(fs, pafs.LocalFileSystem):
-            named, unnamed = _walk_local(root, skip=exclude)
+            named, unnamed, hidden = _walk_local(root, skip=exclude)
         else:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
             named, unnamed = _decodable(i for i in infos if i.type == pafs.FileType.File)
+            visible = [i for i in named if not any(map(_hidden, i.path[len(root):].split("/")))]
+            named, hidden = visible, len(named) - len(visible)
     except CxrError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -597,10 +601,17 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0), mtime_ns=settled))
         if limit is not None and len(files) >= limit:
             break
-    return Listing(files, fs, ignored, unnamed)
+    return Listing(files, fs, ignored, unnamed, hidden)
 
 
-def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo], int]:
+def _hidden(name: str) -> bool:
+    """A name starting with '.': a transfer in flight (rsync's .name.XXXXXX), a trash or snapshot folder
+    (.Trash, .snapshot), editor and OS litter. Left out of the inputs, as Spark and Arrow's dataset
+    discovery do: a temporary file would otherwise leave a truncated row under a name that never returns."""
+    return name.startswith(".")
+
+
+def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo], int, int]:
     """Every regular file under a local folder, following directory symlinks once.
 
     Arrow's recursive listing follows a symlink to a parent folder until the path is too long
@@ -609,14 +620,14 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
     file is listed under its own path, and ``skip`` (the output folder) is left out by where it
     really is, whatever link leads to it. Dangling links, sockets and FIFOs are not files.
     Names that are not UTF-8 (os.walk's surrogate escapes) are counted, not listed, as in
-    :func:`_decodable`.
+    :func:`_decodable`; so are hidden files and folders (:func:`_hidden`; a folder counts once, unwalked).
     """
     import stat
 
     root_real = os.path.realpath(root)
     seen: set[str] = {root_real, *(os.path.realpath(p) for p in skip)}
     out: list[pafs.FileInfo] = []
-    bad = 0
+    bad = hidden = 0
 
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: its files would get no rows
         if isinstance(exc, (FileNotFoundError, NotADirectoryError)):  # moved or deleted since its parent was listed
@@ -625,7 +636,12 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
 
     for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         keep = []
+        hidden += sum(1 for n in names if _hidden(n))
+        names = [n for n in names if not _hidden(n)]
         for d in sorted(dirs):
+            if _hidden(d):
+                hidden += 1
+                continue
             full = os.path.join(folder, d)
             real = os.path.realpath(full)
             inside = real == root_real or real.startswith(root_real + "/")
@@ -655,7 +671,7 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
             out.append(pafs.FileInfo(full, type=pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns)
                        if st is not None else pafs.FileInfo(full, type=pafs.FileType.File, size=0))
     _warn_undecodable(bad)
-    return out, bad
+    return out, bad, hidden
 
 
 def _relative_glob(glob: str | None, base: str) -> str | None:
@@ -778,7 +794,7 @@ def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneum
 
 def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled: int, positives: int,
                      candidates: int, ignored: int, duration_s: float, model_id: str,
-                     model_version: str, unnamed: int = 0) -> dict[str, Any]:
+                     model_version: str, unnamed: int = 0, hidden: int = 0) -> dict[str, Any]:
     """Figures of one run: scored now, skipped as already done, errors by code, throughput.
 
     ``processed`` rows were written by this run (scored + errors); every other
@@ -794,6 +810,7 @@ def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled
         "errors_by_code": dict(sorted(errors_by_code.items())),
         "ignored_non_images": ignored,
         "unnamed_files": unnamed,
+        "hidden_entries": hidden,
         "positives": positives,
         "positive_rate": positives / labelled if labelled else 0.0,
         "duration_s": round(duration_s, 3),
@@ -814,6 +831,8 @@ def format_summary(s: Mapping[str, Any]) -> str:
     ]
     if s.get("ignored_non_images"):
         lines.append(f"ignored (not images by name or content): {s['ignored_non_images']}")
+    if s.get("hidden_entries"):
+        lines.append(f"left out (hidden: names starting with '.'): {s['hidden_entries']} file(s)/folder(s)")
     if s.get("unnamed_files"):
         lines.append(f"NOT SCREENED: {s['unnamed_files']} file(s) whose names are not valid UTF-8; rename them")
     return "\n".join(lines)
@@ -838,6 +857,8 @@ def metrics_registry(s: Mapping[str, Any], success: bool = True):
           registry=reg).set(s.get("ignored_non_images", 0))
     Gauge("cxr_screen_unnamed_files", "Files not screened because their names are not valid UTF-8",
           registry=reg).set(s.get("unnamed_files", 0))
+    Gauge("cxr_screen_hidden_entries", "Hidden files and folders (names starting with '.') left out of the inputs",
+          registry=reg).set(s.get("hidden_entries", 0))
     # rates of a run that scored nothing are not 0 but unknown: left out, so a quiet night is a gap in a
     # panel, not a collapse to zero
     if s["scored"]:

@@ -101,6 +101,8 @@ def test_screen_resume_and_report_on_an_object_store(s3, ray_s3, tiny_model, tmp
         s3.put(f"archive/{film.parent.name}/{film.name}", film.read_bytes())
     s3.put("archive/NORMAL/bad-text.jpeg", b"a radiology report, not an image")
     s3.put("archive/notes.txt", b"ignored")
+    s3.put("archive/.staging/NORMAL/x.jpeg", films[0].read_bytes())  # hidden: a transfer in flight
+    s3.put("archive/NORMAL/.x.jpeg.Xy12ab", b"\xff\xd8\xff half a JPEG")
     archive, out, prom = s3.uri("archive"), s3.uri("screens"), tmp_path / "screen.prom"
 
     res = invoke("screen", archive, "--model", str(tiny_model), "--output", out, "--metrics-file", str(prom), "-q")
@@ -111,6 +113,7 @@ def test_screen_resume_and_report_on_an_object_store(s3, ray_s3, tiny_model, tmp
         s3.keys("screens/report"))
     metrics_text = prom.read_text()  # written after the report's headline: it used to be lost with it
     assert "cxr_screen_scored_files 8.0" in metrics_text and "cxr_screen_success 1.0" in metrics_text
+    assert "cxr_screen_hidden_entries 2.0" in metrics_text  # the two hidden objects: no rows
     rows = {r["path"]: r for r in S.read_results(out).to_pylist()}
     assert len(rows) == 9 and all(p.startswith(f"s3://{BUCKET}/archive/") for p in rows)
     assert rows[f"s3://{BUCKET}/archive/NORMAL/bad-text.jpeg"]["error_code"] == "not_image"

@@ -151,7 +151,7 @@ def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[P
     (tmp_path / "fake.png").write_bytes(b"plain text")  # image name: an input (becomes a not_image row)
     (tmp_path / "notes.txt").write_text("not an input")
     (tmp_path / "z.dcm").write_bytes(b"")
-    files, _, ignored, _ = S.list_archive(str(tmp_path))
+    files, _, ignored, _, _ = S.list_archive(str(tmp_path))
     names = [Path(f.path).name for f in files]
     assert names == ["scan_without_extension", "Röntgen 1.jpeg", "fake.png", "z.dcm"]
     assert ignored == 1
@@ -223,13 +223,30 @@ def test_listing_follows_folder_links_once_and_never_loops(tmp_path: Path) -> No
     (archive / "results").mkdir()
     (archive / "results/part.png").write_bytes(b"x")
     (archive / "view").symlink_to(archive / "results")  # the output folder, reached through a link
-    files, _, ignored, _ = S.list_archive(str(archive), exclude=[str(archive / "results")])
+    files, _, ignored, _, _ = S.list_archive(str(archive), exclude=[str(archive / "results")])
     assert [f.path for f in files] == [str(archive / "disk2/b.png"), str(archive / "sub/a.png")]
     assert ignored == 0
     assert [f.path for f in S.list_archive(str(archive), glob="./sub/*")[0]] == [str(archive / "sub/a.png")]
     assert len(S.list_archive(str(archive), glob=f"{archive}/sub/*")[0]) == 1
     with pytest.raises(CxrError, match="outside the archive"):
         S.list_archive(str(archive), glob="/somewhere/else/*")
+
+
+def test_hidden_files_and_folders_are_left_out_and_counted(tmp_path: Path, sample_images: list[Path]) -> None:
+    """rsync's in-flight .name.XXXXXX, .Trash, .snapshot: no rows (a temporary file would leave a truncated
+    row under a name that never returns), but counted; a hidden file named as the archive is screened."""
+    jpeg = sample_images[0].read_bytes()
+    (tmp_path / "NORMAL/.snapshot/hourly").mkdir(parents=True)
+    (tmp_path / "NORMAL/a.jpeg").write_bytes(jpeg)
+    (tmp_path / "NORMAL/.a.jpeg.Xy12ab").write_bytes(jpeg[:100])
+    (tmp_path / "NORMAL/.snapshot/hourly/a.jpeg").write_bytes(jpeg)
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    listing = S.list_archive(str(tmp_path))
+    assert [Path(f.path).name for f in listing.files] == ["a.jpeg"] and listing.hidden == 3
+    assert len(S.list_archive(str(tmp_path / "NORMAL/.a.jpeg.Xy12ab")).files) == 1
+    summary = S.summarize_counts(processed=1, errors_by_code={}, labelled=0, positives=0, candidates=1, ignored=0,
+                                 duration_s=1.0, model_id="m" * 64, model_version="v", hidden=listing.hidden)
+    assert "left out (hidden: names starting with '.'): 3" in S.format_summary(summary)
 
 
 def test_folders_moved_away_while_listed_are_skipped_not_fatal(tmp_path: Path) -> None:
@@ -265,7 +282,7 @@ def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.Lo
     """Arrow cannot decode such a name; the listing must go on and say so, not end in a traceback."""
     (tmp_path / "ok.png").write_bytes(b"x")
     open(bytes(tmp_path) + b"/\xff\xfe.png", "wb").close()
-    files, _, ignored, unnamed = S.list_archive(str(tmp_path))
+    files, _, ignored, unnamed, _ = S.list_archive(str(tmp_path))
     assert [Path(f.path).name for f in files] == ["ok.png"] and (ignored, unnamed) == (0, 1)
     assert "not valid UTF-8" in caplog.text
 
