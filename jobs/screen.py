@@ -274,7 +274,12 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
             keys = resume.done
             todo = [f for f in files if f.mtime_ns is None  # unchanged since scored: not even read
                     or not S.is_done(resume.unchanged, S.stat_key(f.path, f.size, f.mtime_ns))]
-            todo = _recheck_scored(todo, fs, resume, cfg.output, meta.model_id)
+
+            def stage(text: str) -> None:
+                if on_progress:
+                    on_progress(Progress(0, len(files), 0, time.perf_counter() - t0, text))
+
+            todo = _recheck_scored(todo, fs, resume, cfg.output, meta.model_id, stage)
         stats = _execute(cfg, meta, todo, fs, keys, labels, on_progress, t0, total=len(files))
         duration = time.perf_counter() - t0
         summary = S.summarize_counts(
@@ -290,7 +295,7 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
 
 
 def _recheck_scored(files: list[S.InputFile], fs: pafs.FileSystem, resume: S.ResumeKeys, output: str,
-                    model_id: str) -> list[S.InputFile]:
+                    model_id: str, stage: Callable[[str], None]) -> list[S.InputFile]:
     """``files`` less those at paths this model scored whose content is still what it scored.
 
     Their stat did not vouch for them (a file listed under a minute after it was written has a row without
@@ -301,6 +306,7 @@ def _recheck_scored(files: list[S.InputFile], fs: pafs.FileSystem, resume: S.Res
     suspects = [f for f in files if f.path in resume.scored_paths]
     if not suspects:
         return files
+    stage(f"checking {len(suspects)} file(s) scored before, by content")
     reader = None if isinstance(fs, pafs.LocalFileSystem) else fs
 
     def digest(f: S.InputFile) -> tuple[str | None, bool]:
