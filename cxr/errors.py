@@ -1,4 +1,4 @@
-"""Errors that reach users as one clear line (the CLI prints them without a traceback)."""
+"""Errors that reach users as one clear line (the CLI prints them without a traceback), and the stop signals turned into one."""
 
 from __future__ import annotations
 
@@ -55,6 +55,23 @@ class Terminated(KeyboardInterrupt):
 
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP raise :class:`cxr.errors.Terminated` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt: the job flushes what it scored and stops Ray. Call it again after ``ray.init``, whose
+    own handlers it replaces (``sys.exit``, no flush; or the core worker's stack dump and abort, exit 134)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
 
 
 def first_line(exc: BaseException | str) -> str:

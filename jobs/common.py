@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 from typing import Any
 
 import ray
 
-from cxr.errors import CxrError, Terminated, first_line
+from cxr.errors import CxrError, first_line
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool = True,
@@ -64,20 +62,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, *, dashboard: bool
             logging.getLogger("cxr").warning("Ray did not start (%s); retrying", first_line(exc)[:120])
             time.sleep(2.0)
     return False
-
-
-def interrupt_on_termination() -> None:
-    """SIGTERM and SIGHUP raise :class:`cxr.errors.Terminated` in the main thread, as Ctrl-C raises
-    KeyboardInterrupt: the job flushes what it scored and stops Ray. Call it after ``ray.init``, whose own
-    handlers it replaces (``sys.exit``, no flush; or the core worker's stack dump and abort, exit 134)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
 
 
 def port_free(host: str, port: int) -> bool:

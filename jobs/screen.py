@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 
 from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
-from cxr.errors import Busy, CxrError
+from cxr.errors import Busy, CxrError, interrupt_on_termination
 from cxr.storage import child_uri, is_local, open_fs, uri_prefix, writable_folder
 
 if TYPE_CHECKING:  # the decode workers need no model code
@@ -233,6 +233,7 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
     """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (cxr.screening.summarize_counts)."""
     from cxr.export import check_export
 
+    interrupt_on_termination()  # from the start: a SIGTERM while listing or checking still reports the failure
     t0 = time.perf_counter()
     meta = check_export(cfg.model, cfg.engine)
     classes = list(meta.classes)
@@ -353,7 +354,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
     import ray.data
 
     from cxr.engine import preferred_batch, resolve_backend
-    from jobs.common import cluster_address, init_ray, interrupt_on_termination
+    from jobs.common import cluster_address, init_ray
 
     def report(stage: str = "") -> None:
         if on_progress:
@@ -363,7 +364,7 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
         address = cluster_address()
         report(f"connecting to the Ray cluster at {address}" if address else "starting a local Ray instance")
     started = init_ray(dashboard=False)  # a local screening run needs no dashboard: ~2 s and a CPU-hungry agent less
-    interrupt_on_termination()  # SIGTERM: flush the scored rows and stop Ray, like Ctrl-C
+    interrupt_on_termination()  # again: ray.init installed its own (sys.exit, no flush)
     try:
         _quiet_ray_data()
         res = ray.cluster_resources()

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from cxr.config import ENGINE_HELP, ENGINES, AutoscalingConfig, ServeConfig
+from cxr.errors import interrupt_on_termination
 
 _DEFAULT = ServeConfig()
 _AUTO = AutoscalingConfig()
@@ -117,8 +118,6 @@ def serve_cmd(print_config: bool, num_cpus: int | None, **kw) -> None:
 
     token = api_token()  # the replicas refuse a blank one too: say so before Ray starts
     click.echo(f"starting Ray Serve for model {meta.model_id[:12]} ({meta.model_version or 'unnamed'}) ...", err=True)
-
-    from jobs.common import interrupt_on_termination
 
     interrupt_on_termination()  # SIGTERM (docker stop, Kubernetes, systemd) behaves like Ctrl-C: drain and stop
     # an ignored SIGINT is inherited from the parent process (Python then installs no Ctrl-C handler):
