@@ -1,4 +1,5 @@
-"""Errors that reach users as one clear line (the CLI prints them without a traceback), and the stop signals turned into one."""
+"""Errors that reach users as one clear line (the CLI prints them without a traceback), and the stop
+signals turned into one."""
 
 from __future__ import annotations
 
