@@ -71,8 +71,9 @@ def interrupt_on_termination() -> None:
     def terminate(signum: int, frame: object) -> None:
         raise Terminated(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
+    signal.signal(signal.SIGTERM, terminate)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: a closed terminal must not stop the job
+        signal.signal(signal.SIGHUP, terminate)
 
 
 def first_line(exc: BaseException | str) -> str:

@@ -310,7 +310,11 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
                 raw = raw[..., :3].astype(np.float32) @ _LUMA
             elif raw.ndim != 2:
                 raise ImageError("unsupported", f"DICOM with {raw.ndim} dimensions (multi-frame?) is not supported")
-            return _per_value(raw, lambda values: _dicom_gray(values, ds, photometric))
+            def gray(values: np.ndarray) -> np.ndarray:
+                return _dicom_gray(values, ds, photometric)
+
+            mapped = any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence", "RescaleSlope", "WindowCenter"))
+            return _per_value(raw, gray) if mapped else gray(raw)  # a plain film: one float32 copy is cheaper
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. WindowWidth 0, a LUT that does not fit the data

@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 
 from cxr.config import ScreenConfig
 from cxr.data import IMAGE_SUFFIXES, label_from_path, manifest_entry_path, normalise_label, read_manifest_rows
-from cxr.errors import CxrError
+from cxr.errors import CxrError, first_line
 from cxr.storage import join, open_fs, uri_prefix
 
 #: 1: the columns of the issue; 2: ``mtime_ns`` (parts of either version read together; missing = null)
@@ -225,7 +225,10 @@ def unchanged_keys(results: pa.Table, model_id: str) -> np.ndarray:
 class ResumeKeys(NamedTuple):
     done: np.ndarray  # :func:`done_keys`
     unchanged: np.ndarray  # :func:`unchanged_keys`, and the stat records that vouch for a current row
-    scored_paths: frozenset[str]  # paths whose current row this model scored
+    #: path -> size, for the paths whose current row this model scored: the row's size where the row has
+    #: a settled mtime (a same-size file with another mtime may hold the same bytes), None where it has
+    #: none (its stat vouches for nothing: any listing may hold the same bytes)
+    scored: Mapping[str, int | None]
 
 
 def resume_keys(results: pa.Table, model_id: str, stats: pa.Table | None = None) -> ResumeKeys:
@@ -234,18 +237,18 @@ def resume_keys(results: pa.Table, model_id: str, stats: pa.Table | None = None)
     stat keys of ``stats`` records (:func:`record_stats`) whose (path, sha256) is a current row's."""
     empty = np.zeros(0, dtype="S16")
     if results.num_rows == 0:
-        return ResumeKeys(empty, empty, frozenset())
+        return ResumeKeys(empty, empty, {})
     current = dedupe_latest(results)
     wanted = ("path", "sha256", "model_id", "error_code", "size_bytes", "mtime_ns")
     t = current.select([c for c in wanted if c in current.column_names]).to_pydict()
     mtimes = t.get("mtime_ns") or [None] * current.num_rows
     sizes = t.get("size_bytes") or [None] * current.num_rows
-    done, unchanged, paths = set(), set(), set()
+    done, unchanged, scored = set(), set(), {}
     for p, s, mid, e, n, m in zip(t["path"], t["sha256"], t["model_id"], t["error_code"], sizes, mtimes):
         if mid != model_id or not s or e in RETRY_CODES:
             continue
         done.add(resume_key(p, s))
-        paths.add(p)
+        scored[p] = n if m is not None and n is not None else None
         if m is not None and n is not None:
             unchanged.add(stat_key(p, n, m))
     if stats is not None and stats.num_rows:
@@ -253,8 +256,7 @@ def resume_keys(results: pa.Table, model_id: str, stats: pa.Table | None = None)
         for p, s, mid, n, m in zip(st["path"], st["sha256"], st["model_id"], st["size_bytes"], st["mtime_ns"]):
             if mid == model_id and resume_key(p, s) in done:  # the content the current row scored
                 unchanged.add(stat_key(p, n, m))
-    return ResumeKeys(np.array(sorted(done), dtype="S16"), np.array(sorted(unchanged), dtype="S16"),
-                      frozenset(paths))
+    return ResumeKeys(np.array(sorted(done), dtype="S16"), np.array(sorted(unchanged), dtype="S16"), scored)
 
 
 _STATS_SCHEMA = pa.schema([("path", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
@@ -287,7 +289,15 @@ def read_stats(location: str) -> pa.Table | None:
         return None
     names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File
                    and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", ".")))
-    tables = [pq.read_table(n, filesystem=fs, schema=_STATS_SCHEMA) for n in names]
+    tables = []
+    for name in names:
+        try:
+            tables.append(pq.read_table(name, filesystem=fs, schema=_STATS_SCHEMA))
+        except Exception as exc:  # noqa: BLE001 - a cache: a damaged record file costs re-reads, not the run
+            import logging
+
+            logging.getLogger("cxr").warning("warning: ignoring unreadable stat records %s: %s", name,
+                                             first_line(exc)[:200])
     return pa.concat_tables(tables) if tables else None
 
 
@@ -493,7 +503,8 @@ def clean_tmp(location: str) -> None:
 
 
 def set_aside_results(location: str, owner: str) -> str:
-    """``--force`` onto another model's folder: move its results and report out of the way, not delete them.
+    """``--force`` onto another model's folder: move its results, report and stat records out of the way,
+    not delete them.
 
     They go to ``OUTPUT/replaced/<model id>-<UTC time>/`` (file by file: object stores move no folders),
     where no reader looks; the user deletes them when sure. Returns that folder.
@@ -501,7 +512,7 @@ def set_aside_results(location: str, owner: str) -> str:
     fs, out_dir = open_fs(location)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = f"{out_dir}/{REPLACED_DIR}/{owner[:12]}-{stamp}"
-    for sub in (RESULTS_DIR, REPORT_DIR):
+    for sub in (RESULTS_DIR, REPORT_DIR, STATS_DIR):
         src = f"{out_dir}/{sub}"
         for info in fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True)):
             if info.type != pafs.FileType.File:
@@ -900,21 +911,26 @@ def write_metrics_file(registry: Any, path: str, merge: bool = False) -> None:
 
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    if merge and target.is_file():
+    if merge and target.is_file() and target.stat().st_size < 2**20:  # ours is a few KB; a bigger one is not ours
         registry.register(_Kept(target.read_text(errors="replace"), {m.name for m in registry.collect()}))
     write_to_textfile(str(target), registry)  # writes a temp file and renames it
 
 
 class _Kept:
-    """A prometheus-client collector of the families of an earlier text-format file, less ``replaced``."""
+    """A prometheus-client collector of the cxr_screen_* families of an earlier text-format file, less
+    ``replaced`` (another exporter's lines, or a family twice, are not carried over)."""
 
     def __init__(self, text: str, replaced: set[str]) -> None:
         from prometheus_client.parser import text_string_to_metric_families
 
+        families: dict[str, Any] = {}
         try:
-            self.families = [m for m in text_string_to_metric_families(text) if m.name not in replaced]
-        except ValueError:  # not ours, or damaged: the new lines alone
-            self.families = []
+            for m in text_string_to_metric_families(text):
+                if m.name.startswith("cxr_screen_") and m.name not in replaced:
+                    families.setdefault(m.name, m)
+        except ValueError:  # damaged: the new lines alone
+            families = {}
+        self.families = list(families.values())
 
     def collect(self) -> list[Any]:
         return self.families

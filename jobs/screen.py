@@ -118,6 +118,8 @@ def prepare(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem | None, pre: di
                 code, msg = "too_large", f"file is {int(nbytes)} bytes, over the cap of {cap} bytes for one image"
             else:
                 data = _read(fs, fs_path)
+                if len(data) != int(nbytes):  # changed since listed: the listing's mtime does not vouch for these bytes
+                    mtime = -1
                 sha, nbytes = hashlib.sha256(data).hexdigest(), len(data)
         except OSError as exc:
             code, msg = "read_failed", f"cannot read file: {exc}"
@@ -299,12 +301,21 @@ def _recheck_scored(files: list[S.InputFile], fs: pafs.FileSystem, resume: S.Res
                     model_id: str, stage: Callable[[str], None]) -> list[S.InputFile]:
     """``files`` less those at paths this model scored whose content is still what it scored.
 
-    Their stat did not vouch for them (a file listed under a minute after it was written has a row without
-    an mtime; one changed between listing and reading, the listing's stat): hashed here, in threads,
-    before Ray is started for them. The same content is skipped and its settled stat recorded
-    (:func:`cxr.screening.record_stats`), so the next run skips it unread; other content is scored.
+    Their stat did not vouch for them: a file listed under a minute after it was written, or read at
+    another size than listed, has a row without an mtime; one rewritten at the same size, or touched, a
+    row of another mtime. Those are hashed here, in threads, before Ray is started for them. The same
+    content is skipped and its settled stat recorded (:func:`cxr.screening.record_stats`), so the next
+    run skips it unread; other content is scored (read again by Ray). A file whose size differs from its
+    row's goes to Ray unhashed: its content changed.
     """
-    suspects = [f for f in files if f.path in resume.scored_paths]
+
+    def suspect(f: S.InputFile) -> bool:
+        if f.path not in resume.scored:
+            return False
+        size = resume.scored[f.path]
+        return size is None or size == f.size
+
+    suspects = [f for f in files if suspect(f)]
     if not suspects:
         return files
     stage(f"checking {len(suspects)} file(s) scored before, by content")
@@ -324,7 +335,7 @@ def _recheck_scored(files: list[S.InputFile], fs: pafs.FileSystem, resume: S.Res
 
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=16) as pool:  # reads: I/O-bound, hashlib releases the GIL
         shas = dict(zip((f.path for f in suspects), pool.map(digest, suspects)))
     todo, records = [], []
     for f in files:

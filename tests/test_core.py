@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -609,3 +610,50 @@ def test_augmentation_is_seeded_per_sample_so_loader_processes_and_restarts_repe
     resumed = epoch(sampler, fresh, 1)
     assert torch.equal(went_on, resumed)
     assert not torch.equal(first, went_on)  # the augmentation (and the order) differ between epochs
+
+
+def test_sigterm_raises_terminated_and_an_ignored_sighup_stays_ignored() -> None:
+    """SIGTERM takes Ctrl-C's path (cxr.errors.Terminated); under nohup (SIGHUP ignored) a closed terminal
+    must not stop a long screening run."""
+    code = (
+        "import os, signal\n"
+        "from cxr.errors import Terminated, interrupt_on_termination\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "interrupt_on_termination()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+        "except Terminated as exc:\n"
+        "    print('terminated', exc.signum)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == f"terminated {int(signal.SIGTERM)}", out.stderr
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "uint32", "int32"])
+@pytest.mark.parametrize("shape", [(1, 7), (5000, 1), (257, 131)])
+def test_per_value_lookup_is_the_transform_itself(dtype: str, shape: tuple[int, int]) -> None:
+    """A DICOM's grey stage runs once per stored value and is looked up (memory: BENCHMARKS.md, 'Decoding
+    one large film'): bit-identical to running it on the image, signed data, tables past 2^16 included."""
+    from pydicom.dataset import Dataset
+
+    from cxr.preprocess import _dicom_gray, _per_value
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(max(info.min, -70_000), min(info.max, 70_000), shape, endpoint=True).astype(dtype)
+    ds = Dataset()
+    ds.BitsStored, ds.PixelRepresentation = min(info.bits, 16), int(info.min < 0)
+    ds.RescaleSlope, ds.RescaleIntercept = 0.7, -12
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 300, 900, "SIGMOID"
+    ds.PhotometricInterpretation = "MONOCHROME1"
+
+    def gray(values: np.ndarray) -> np.ndarray:
+        return _dicom_gray(values, ds, "MONOCHROME1")
+
+    expected = gray(raw)
+    got = _per_value(raw, gray)
+    assert got.dtype == np.float32 and got.shape == raw.shape
+    np.testing.assert_array_equal(got, expected)

@@ -222,6 +222,9 @@ def test_prometheus_file_parses_back(screened) -> None:
     assert fams["cxr_screen_success"].samples[0].value == 1
     errors = {s.labels["code"]: s.value for s in fams["cxr_screen_error_files"].samples}
     assert errors["too_large"] == 1 and errors["read_failed"] == 0
+    assert fams["cxr_screen_images_per_second"].samples[0].value > 0
+    info = fams["cxr_screen_model_info"].samples[0].labels
+    assert info["model_version"] == "tiny-test" and len(info["model_id"]) == 64
 
 
 def test_a_failed_run_marks_the_metrics_file_failed_and_keeps_the_last_successs_figures(screened, tmp_path) -> None:
@@ -235,9 +238,6 @@ def test_a_failed_run_marks_the_metrics_file_failed_and_keeps_the_last_successs_
     assert fams["cxr_screen_scored_files"].samples[0].value == 12  # the last success's, kept
     assert fams["cxr_screen_last_success_timestamp_seconds"].samples[0].value < \
         fams["cxr_screen_last_run_timestamp_seconds"].samples[0].value
-    assert fams["cxr_screen_images_per_second"].samples[0].value > 0
-    info = fams["cxr_screen_model_info"].samples[0].labels
-    assert info["model_version"] == "tiny-test" and len(info["model_id"]) == 64
 
 
 def test_rerun_scores_only_new_or_changed_files(screened, data_dir) -> None:
@@ -300,13 +300,24 @@ def test_a_rerun_skips_unchanged_files_without_reading_them(ray_local, tiny_mode
     os.utime(archive / "0.jpeg", ns=(hour_ago + 10**9, hour_ago + 10**9))
     res = invoke(*settled)
     assert "scored: 1  skipped (already done): 1" in res.output, res.output
+    assert "checking 1 file(s) scored before" in res.output  # same size: maybe the same bytes, hashed first
+    with open(archive / "1.jpeg", "ab") as f:  # another size: changed for sure, straight to the scoring step
+        f.write(b"\0")
+    os.utime(archive / "1.jpeg", ns=(hour_ago + 2 * 10**9, hour_ago + 2 * 10**9))
+    res = invoke(*settled)
+    assert "scored: 1  skipped (already done): 1" in res.output and "checking" not in res.output, res.output
 
 
 def test_fail_on_error_exits_non_zero(screened, tmp_path) -> None:
+    prom = tmp_path / "screen.prom"
+    prom.write_text((screened["root"] / "screen.prom").read_text())  # a successful night's file
     res = invoke("screen", str(screened["archive"]), "--model", str(screened["model"]), "--output",
-                 str(tmp_path / "o"), "--glob", "bad-*", "--fail-on-error", "--no-report")
+                 str(tmp_path / "o"), "--glob", "bad-*", "--fail-on-error", "--no-report", "--metrics-file", str(prom))
     assert res.exit_code == 1
     assert "6 file(s) could not be scored" in res.output
+    fams = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    assert fams["cxr_screen_success"].samples[0].value == 0 and fams["cxr_screen_scored_files"].samples[0].value == 0
+    assert "cxr_screen_last_success_timestamp_seconds" in fams  # kept: the staleness alert still has its series
     # progress (not a terminal: one line per event): what start-up waits for, then the rows
     assert "screen: 6 files  starting 1 scoring actor(s): " in res.output
     assert "screen: 6/6 new rows (100% of files)" in res.output and "errors 6" in res.output
@@ -471,6 +482,8 @@ def _folder_of_another_model(out: Path) -> None:
     writer = S.PartWriter(str(out), S.result_schema(classes))
     writer.add(pa.Table.from_pylist([{"path": "/elsewhere/x.jpeg", "model_id": "f" * 64}], schema=writer.schema))
     writer.flush()
+    S.record_stats(str(out), [{"path": "/elsewhere/x.jpeg", "size_bytes": 1, "mtime_ns": 1, "sha256": "0" * 64,
+                               "model_id": "f" * 64}])
 
 
 @pytest.mark.parametrize("flag", ["--force", "--new-model=rescore"])
@@ -489,6 +502,7 @@ def test_force_sets_another_models_results_aside(ray_local, tiny_model, tmp_path
     assert res.exit_code == 0 and "moved to" in res.output, res.output
     kept = list((out / S.REPLACED_DIR).glob(f"{'f' * 12}-*/{S.RESULTS_DIR}/part-*.parquet"))
     assert len(kept) == 1 and pq.read_table(kept[0]).column("model_id")[0].as_py() == "f" * 64
+    assert S.read_stats(str(out)) is None and len(list((out / S.REPLACED_DIR).glob(f"*/{S.STATS_DIR}/*"))) == 1
     assert {r["path"] for r in S.read_results(str(out)).to_pylist()} == {str(archive / sample_images[0].name)}
     if flag.startswith("--new-model"):  # a nightly job keeps the flag: the next night resumes, it does not rescore
         again = CliRunner().invoke(main, [*screen, flag], catch_exceptions=False)

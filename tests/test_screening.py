@@ -177,13 +177,16 @@ def test_stat_records_vouch_only_for_the_content_of_the_current_row(tmp_path: Pa
                          {"path": "/b.png", "size_bytes": 10, "mtime_ns": 6, "sha256": "f" * 64, "model_id": "m"},
                          {"path": "/b.png", "size_bytes": 10, "mtime_ns": 7, "sha256": sha_b, "model_id": "other"}])
     S.record_stats(out, [])  # nothing to record: no file
+    (tmp_path / "o" / S.STATS_DIR / "20990101T000000Z-damaged.parquet").write_bytes(b"garbage")  # a cache: skipped
     stats = S.read_stats(out)
-    assert stats.num_rows == 3 and len(list((tmp_path / "o" / S.STATS_DIR).iterdir())) == 1
+    assert stats.num_rows == 3 and len(list((tmp_path / "o" / S.STATS_DIR).iterdir())) == 2
     keys = S.resume_keys(rows, "m", stats)
     assert S.is_done(keys.unchanged, S.stat_key("/a.png", 10, 5))
     assert not S.is_done(keys.unchanged, S.stat_key("/b.png", 10, 6))  # recorded for other content
     assert not S.is_done(keys.unchanged, S.stat_key("/b.png", 10, 7))  # recorded for another model
-    assert keys.scored_paths == {"/a.png", "/b.png"} and S.resume_keys(rows, "m").unchanged.size == 0
+    assert keys.scored == {"/a.png": None, "/b.png": None} and S.resume_keys(rows, "m").unchanged.size == 0
+    settled = S.build_rows({**_base(["/c.png"]), "mtime_ns": [9]}, np.array([[0.9, 0.1]]), [True], CLASSES, 0.5, "m", "v")
+    assert S.resume_keys(settled, "m").scored == {"/c.png": 10}  # a same-size file may hold the same bytes
     assert S.read_stats(str(tmp_path / "empty")) is None
 
 
@@ -439,7 +442,9 @@ def test_push_to_a_real_http_gateway() -> None:
 def test_a_failed_run_keeps_the_last_successful_runs_lines_in_the_metrics_file(tmp_path: Path) -> None:
     path = tmp_path / "screen.prom"
     S.write_metrics_file(S.metrics_registry(_summary()), str(path))
+    path.write_text(path.read_text() + "# TYPE other_exporter gauge\nother_exporter 1.0\n")  # not ours: dropped
     S.write_metrics_file(S.failure_metrics_registry(), str(path), merge=True)
+    assert "other_exporter" not in path.read_text()
     fams = {f.name: f for f in text_string_to_metric_families(path.read_text())}
     assert fams["cxr_screen_success"].samples[0].value == 0
     assert fams["cxr_screen_scored_files"].samples[0].value == 7

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -147,10 +148,11 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
             click.echo(_brief(json.load(f)))
     if cfg.metrics_file or cfg.pushgateway:  # after the summary: a metrics target that fails (exit 2) hides no result
         reg = S.metrics_registry(summary, success=not failed)
+        # a --fail-on-error failure keeps the last success's time (merge / POST), which staleness alerts watch
         if cfg.metrics_file:
-            S.write_metrics_file(reg, cfg.metrics_file)
+            S.write_metrics_file(reg, cfg.metrics_file, merge=failed)
         if cfg.pushgateway:
-            S.push_metrics(reg, cfg.pushgateway)
+            S.push_metrics(reg, cfg.pushgateway, replace=not failed)
     if failed:
         click.secho(f"error: {summary['errors']} file(s) could not be scored (--fail-on-error)", fg="red", err=True)
         sys.exit(1)
@@ -169,13 +171,12 @@ def _emit_failure_metrics(cfg: ScreenConfig) -> None:
     from cxr import screening as S
 
     reg = S.failure_metrics_registry()
-    try:
+    with contextlib.suppress(Exception):  # the original error is the one to show
         if cfg.metrics_file:
             S.write_metrics_file(reg, cfg.metrics_file, merge=True)
+    with contextlib.suppress(Exception):  # a file that cannot be written must not keep the push from happening
         if cfg.pushgateway:
             S.push_metrics(reg, cfg.pushgateway, replace=False, retry_delays=())  # a pod being stopped has seconds
-    except Exception:  # noqa: BLE001 - the original error is the one to show
-        pass
 
 
 @click.command("report")
