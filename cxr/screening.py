@@ -549,6 +549,7 @@ class Listing(NamedTuple):
     not_images: int  # files that are not images by name or content (notes, manifests)
     unnamed: int  # files whose names are not UTF-8: no row could name them, so they are counted and warned of
     hidden: int = 0  # files and folders whose names start with '.' (left out, counted; see _hidden)
+    unlisted: tuple[str, ...] = ()  # folders under the archive that could not be listed ("path: reason")
 
 
 def list_archive(archive: str, glob: str | None = None, limit: int | None = None,
@@ -571,12 +572,12 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         raise CxrError(f"archive not found: {archive}")
     base = root
     try:
-        hidden = 0
+        hidden, unlisted = 0, []
         if info.type == pafs.FileType.File:  # named by the user: screened whatever its name
             named, unnamed = _decodable([info])
             base = str(PurePosixPath(root).parent)
         elif isinstance(fs, pafs.LocalFileSystem):
-            named, unnamed, hidden = _walk_local(root, skip=exclude)
+            named, unnamed, hidden = _walk_local(root, skip=exclude, unlisted=unlisted)
         else:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
             named, unnamed = _decodable(i for i in infos if i.type == pafs.FileType.File)
@@ -612,7 +613,7 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
         files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0), mtime_ns=settled))
         if limit is not None and len(files) >= limit:
             break
-    return Listing(files, fs, ignored, unnamed, hidden)
+    return Listing(files, fs, ignored, unnamed, hidden, tuple(unlisted))
 
 
 def _hidden(name: str) -> bool:
@@ -622,7 +623,8 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo], int, int]:
+def _walk_local(root: str, skip: Iterable[str] = (), unlisted: list[str] | None = None,
+                ) -> tuple[list[pafs.FileInfo], int, int]:
     """Every regular file under a local folder, following directory symlinks once.
 
     Arrow's recursive listing follows a symlink to a parent folder until the path is too long
@@ -632,6 +634,9 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
     really is, whatever link leads to it. Dangling links, sockets and FIFOs are not files.
     Names that are not UTF-8 (os.walk's surrogate escapes) are counted, not listed, as in
     :func:`_decodable`; so are hidden files and folders (:func:`_hidden`; a folder counts once, unwalked).
+    A folder under the root that cannot be listed (no permission, an I/O error) goes to ``unlisted`` and
+    the walk goes on: one bad study folder must not hold back the night's others (its files get no rows
+    and are listed again next run); the root itself unreadable is an error.
     """
     import stat
 
@@ -643,7 +648,9 @@ def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: its files would get no rows
         if isinstance(exc, (FileNotFoundError, NotADirectoryError)):  # moved or deleted since its parent was listed
             return
-        raise CxrError(f"cannot list {exc.filename}: {exc.strerror or exc}")
+        if unlisted is None or os.path.realpath(str(exc.filename)) == root_real:
+            raise CxrError(f"cannot list {exc.filename}: {exc.strerror or exc}")
+        unlisted.append(f"{exc.filename}: {exc.strerror or exc}")
 
     for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         keep = []
@@ -805,7 +812,8 @@ def load_labels(manifest: str | None, classes: Sequence[str] = ("normal", "pneum
 
 def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled: int, positives: int,
                      candidates: int, ignored: int, duration_s: float, model_id: str,
-                     model_version: str, unnamed: int = 0, hidden: int = 0) -> dict[str, Any]:
+                     model_version: str, unnamed: int = 0, hidden: int = 0,
+                     unlisted: Sequence[str] = ()) -> dict[str, Any]:
     """Figures of one run: scored now, skipped as already done, errors by code, throughput.
 
     ``processed`` rows were written by this run (scored + errors); every other
@@ -822,6 +830,7 @@ def summarize_counts(processed: int, errors_by_code: Mapping[str, int], labelled
         "ignored_non_images": ignored,
         "unnamed_files": unnamed,
         "hidden_entries": hidden,
+        "unlisted_folders": list(unlisted),
         "positives": positives,
         "positive_rate": positives / labelled if labelled else 0.0,
         "duration_s": round(duration_s, 3),
@@ -846,6 +855,10 @@ def format_summary(s: Mapping[str, Any]) -> str:
         lines.append(f"left out (hidden: names starting with '.'): {s['hidden_entries']} file(s)/folder(s)")
     if s.get("unnamed_files"):
         lines.append(f"NOT SCREENED: {s['unnamed_files']} file(s) whose names are not valid UTF-8; rename them")
+    if s.get("unlisted_folders"):
+        shown = "; ".join(s["unlisted_folders"][:3]) + (" ..." if len(s["unlisted_folders"]) > 3 else "")
+        lines.append(f"NOT SCREENED: {len(s['unlisted_folders'])} folder(s) could not be listed, their files "
+                     f"have no rows (listed again next run): {shown}")
     return "\n".join(lines)
 
 
@@ -870,6 +883,8 @@ def metrics_registry(s: Mapping[str, Any], success: bool = True):
           registry=reg).set(s.get("unnamed_files", 0))
     Gauge("cxr_screen_hidden_entries", "Hidden files and folders (names starting with '.') left out of the inputs",
           registry=reg).set(s.get("hidden_entries", 0))
+    Gauge("cxr_screen_unlisted_folders", "Folders under the archive that could not be listed (not screened)",
+          registry=reg).set(len(s.get("unlisted_folders", ())))
     # rates of a run that scored nothing are not 0 but unknown: left out, so a quiet night is a gap in a
     # panel, not a collapse to zero
     if s["scored"]:

@@ -246,8 +246,10 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
     if same_fs and (arch_root == out_dir or arch_root.startswith(out_dir.rstrip("/") + "/")):
         raise CxrError(f"--output {cfg.output} is the archive or holds it; give a folder outside the archive "
                        "(a folder inside it is fine: it is left out of the inputs)")
-    files, fs, ignored, unnamed, hidden = S.list_archive(cfg.archive, cfg.glob, cfg.limit,
-                                                         exclude=[out_dir] if same_fs else [])
+    files, fs, ignored, unnamed, hidden, unlisted = S.list_archive(cfg.archive, cfg.glob, cfg.limit,
+                                                                   exclude=[out_dir] if same_fs else [])
+    for folder in unlisted:
+        print(f"warning: cannot list {folder}: its files are not screened this run", file=sys.stderr)
     if not files:  # an unmounted share looks like an empty folder: a quiet night must not look like this
         where = f"{cfg.archive}" + (f" matching --glob {cfg.glob}" if cfg.glob else "")
         print(f"warning: no input files under {where} (is it mounted? is the pattern right?)", file=sys.stderr)
@@ -288,7 +290,8 @@ def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict
         summary = S.summarize_counts(
             processed=stats.rows, errors_by_code=stats.errors_by_code, labelled=stats.labelled,
             positives=stats.positives, candidates=len(files), ignored=ignored, duration_s=duration,
-            model_id=meta.model_id, model_version=meta.model_version, unnamed=unnamed, hidden=hidden)
+            model_id=meta.model_id, model_version=meta.model_version, unnamed=unnamed, hidden=hidden,
+            unlisted=unlisted)
         summary["output"] = cfg.output
         if cfg.report:
             summary["report"] = _maybe_report(cfg.output, classes, labels if cfg.labels else None)

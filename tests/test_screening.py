@@ -6,6 +6,7 @@ No Ray here; tests/test_screen.py runs the real job.
 from __future__ import annotations
 
 import http.server
+import shlex
 import shutil
 import threading
 from datetime import datetime, timedelta, timezone
@@ -151,7 +152,7 @@ def test_listing_by_content_glob_and_limit(tmp_path: Path, sample_images: list[P
     (tmp_path / "fake.png").write_bytes(b"plain text")  # image name: an input (becomes a not_image row)
     (tmp_path / "notes.txt").write_text("not an input")
     (tmp_path / "z.dcm").write_bytes(b"")
-    files, _, ignored, _, _ = S.list_archive(str(tmp_path))
+    files, _, ignored, _, _, _ = S.list_archive(str(tmp_path))
     names = [Path(f.path).name for f in files]
     assert names == ["scan_without_extension", "Röntgen 1.jpeg", "fake.png", "z.dcm"]
     assert ignored == 1
@@ -226,7 +227,7 @@ def test_listing_follows_folder_links_once_and_never_loops(tmp_path: Path) -> No
     (archive / "results").mkdir()
     (archive / "results/part.png").write_bytes(b"x")
     (archive / "view").symlink_to(archive / "results")  # the output folder, reached through a link
-    files, _, ignored, _, _ = S.list_archive(str(archive), exclude=[str(archive / "results")])
+    files, _, ignored, _, _, _ = S.list_archive(str(archive), exclude=[str(archive / "results")])
     assert [f.path for f in files] == [str(archive / "disk2/b.png"), str(archive / "sub/a.png")]
     assert ignored == 0
     assert [f.path for f in S.list_archive(str(archive), glob="./sub/*")[0]] == [str(archive / "sub/a.png")]
@@ -250,6 +251,48 @@ def test_hidden_files_and_folders_are_left_out_and_counted(tmp_path: Path, sampl
     summary = S.summarize_counts(processed=1, errors_by_code={}, labelled=0, positives=0, candidates=1, ignored=0,
                                  duration_s=1.0, model_id="m" * 64, model_version="v", hidden=listing.hidden)
     assert "left out (hidden: names starting with '.'): 3" in S.format_summary(summary)
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_and_the_rest_screened(tmp_path: Path) -> None:
+    """One study folder without read permission must not hold back the night's others: its files get no rows,
+    the folder is named (summary, metric); the archive itself unreadable is still an error. Root ignores
+    permissions, so as root the listing runs with those capabilities dropped (capsh)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    archive = tmp_path / "archive"
+    (archive / "ok").mkdir(parents=True)
+    (archive / "locked").mkdir()
+    (archive / "ok/a.png").write_bytes(b"x")
+    (archive / "locked/b.png").write_bytes(b"x")
+    code = ("import json, sys\nfrom cxr import screening as S\nfrom cxr.errors import CxrError\n"
+            "listing = S.list_archive(sys.argv[1])\n"
+            "print(json.dumps([[f.path for f in listing.files], list(listing.unlisted)]))\n"
+            "try:\n    S.list_archive(sys.argv[2])\nexcept CxrError as exc:\n    print(exc)\n")
+    cmd = [sys.executable, "-c", code, str(archive), str(archive / "locked")]
+    if os.geteuid() == 0:
+        if not shutil.which("capsh"):
+            pytest.skip("root without capsh: permissions cannot be enforced")
+        cmd = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", " ".join(map(shlex.quote, cmd))]
+    (archive / "locked").chmod(0)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        (archive / "locked").chmod(0o755)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out.stderr
+    files, unlisted = json.loads(lines[0])
+    assert files == [str(archive / "ok/a.png")]
+    assert unlisted == [f"{archive / 'locked'}: Permission denied"]
+    assert lines[1] == f"cannot list {archive / 'locked'}: Permission denied"
+    summary = S.summarize_counts(processed=1, errors_by_code={}, labelled=0, positives=0, candidates=1, ignored=0,
+                                 duration_s=1.0, model_id="m" * 64, model_version="v", unlisted=unlisted)
+    assert "NOT SCREENED: 1 folder(s) could not be listed" in S.format_summary(summary)
+    from prometheus_client import generate_latest
+
+    assert b"cxr_screen_unlisted_folders 1.0" in generate_latest(S.metrics_registry(summary))
 
 
 def test_folders_moved_away_while_listed_are_skipped_not_fatal(tmp_path: Path) -> None:
@@ -285,7 +328,7 @@ def test_listing_skips_names_that_are_not_utf8(tmp_path: Path, caplog: pytest.Lo
     """Arrow cannot decode such a name; the listing must go on and say so, not end in a traceback."""
     (tmp_path / "ok.png").write_bytes(b"x")
     open(bytes(tmp_path) + b"/\xff\xfe.png", "wb").close()
-    files, _, ignored, unnamed, _ = S.list_archive(str(tmp_path))
+    files, _, ignored, unnamed, _, _ = S.list_archive(str(tmp_path))
     assert [Path(f.path).name for f in files] == ["ok.png"] and (ignored, unnamed) == (0, 1)
     assert "not valid UTF-8" in caplog.text
 

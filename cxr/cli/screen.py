@@ -138,7 +138,8 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
     finally:
         if progress:
             progress.close()
-    failed = cfg.fail_on_error and summary["errors"] > 0
+    unscreened = len(summary.get("unlisted_folders", ()))
+    failed = cfg.fail_on_error and (summary["errors"] > 0 or unscreened > 0)
     _save_config(cfg)
     click.echo(S.format_summary(summary))
     click.echo(f"results: {join(cfg.output, S.RESULTS_DIR)}" + (f"  report: {summary['report']}" if summary.get("report") else ""))
@@ -154,7 +155,9 @@ def screen_cmd(archive: str, quiet: bool, **kw) -> None:
         if cfg.pushgateway:
             S.push_metrics(reg, cfg.pushgateway, replace=not failed)
     if failed:
-        click.secho(f"error: {summary['errors']} file(s) could not be scored (--fail-on-error)", fg="red", err=True)
+        not_listed = f", {unscreened} folder(s) could not be listed" if unscreened else ""
+        click.secho(f"error: {summary['errors']} file(s) could not be scored{not_listed} (--fail-on-error)", fg="red",
+                    err=True)
         sys.exit(1)
 
 
