@@ -284,13 +284,8 @@ def record_stats(location: str, records: Sequence[Mapping[str, Any]]) -> None:
 def read_stats(location: str) -> pa.Table | None:
     """Every record :func:`record_stats` wrote (None when there are none)."""
     fs, out_dir = open_fs(location)
-    folder = f"{out_dir}/{STATS_DIR}"
-    if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        return None
-    names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File
-                   and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", ".")))
     tables = []
-    for name in names:
+    for name in _parquet_files(fs, f"{out_dir}/{STATS_DIR}"):
         try:
             tables.append(pq.read_table(name, filesystem=fs, schema=_STATS_SCHEMA))
         except Exception as exc:  # noqa: BLE001 - a cache: a damaged record file costs re-reads, not the run
@@ -344,10 +339,14 @@ def dedupe_latest(table: pa.Table) -> pa.Table:
 
 def list_parts(fs: pafs.FileSystem, out_dir: str) -> list[str]:
     """Completed result parts, oldest first (part names start with a UTC timestamp)."""
-    res = f"{out_dir}/{RESULTS_DIR}"
-    if fs.get_file_info(res).type != pafs.FileType.Directory:
+    return _parquet_files(fs, f"{out_dir}/{RESULTS_DIR}")
+
+
+def _parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The finished ``.parquet`` files directly in ``folder``, sorted by name (none when it is missing)."""
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(res, recursive=False))
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
                   and not i.base_name.startswith(("_", ".")))
 
@@ -577,7 +576,7 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
             named, unnamed = _decodable([info])
             base = str(PurePosixPath(root).parent)
         elif isinstance(fs, pafs.LocalFileSystem):
-            named, unnamed, hidden = _walk_local(root, skip=exclude, unlisted=unlisted)
+            named, unnamed, hidden, unlisted = _walk_local(root, skip=exclude)
         else:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
             named, unnamed = _decodable(i for i in infos if i.type == pafs.FileType.File)
@@ -623,8 +622,7 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_local(root: str, skip: Iterable[str] = (), unlisted: list[str] | None = None,
-                ) -> tuple[list[pafs.FileInfo], int, int]:
+def _walk_local(root: str, skip: Iterable[str] = ()) -> tuple[list[pafs.FileInfo], int, int, list[str]]:
     """Every regular file under a local folder, following directory symlinks once.
 
     Arrow's recursive listing follows a symlink to a parent folder until the path is too long
@@ -634,8 +632,8 @@ def _walk_local(root: str, skip: Iterable[str] = (), unlisted: list[str] | None 
     really is, whatever link leads to it. Dangling links, sockets and FIFOs are not files.
     Names that are not UTF-8 (os.walk's surrogate escapes) are counted, not listed, as in
     :func:`_decodable`; so are hidden files and folders (:func:`_hidden`; a folder counts once, unwalked).
-    A folder under the root that cannot be listed (no permission, an I/O error) goes to ``unlisted`` and
-    the walk goes on: one bad study folder must not hold back the night's others (its files get no rows
+    A folder under the root that cannot be listed (no permission, an I/O error) is returned ("path: reason")
+    and the walk goes on: one bad study folder must not hold back the night's others (its files get no rows
     and are listed again next run); the root itself unreadable is an error.
     """
     import stat
@@ -643,12 +641,13 @@ def _walk_local(root: str, skip: Iterable[str] = (), unlisted: list[str] | None 
     root_real = os.path.realpath(root)
     seen: set[str] = {root_real, *(os.path.realpath(p) for p in skip)}
     out: list[pafs.FileInfo] = []
+    unlisted: list[str] = []
     bad = hidden = 0
 
     def unreadable(exc: OSError) -> None:  # os.walk would skip the folder silently: its files would get no rows
         if isinstance(exc, (FileNotFoundError, NotADirectoryError)):  # moved or deleted since its parent was listed
             return
-        if unlisted is None or os.path.realpath(str(exc.filename)) == root_real:
+        if os.path.realpath(str(exc.filename)) == root_real:
             raise CxrError(f"cannot list {exc.filename}: {exc.strerror or exc}")
         unlisted.append(f"{exc.filename}: {exc.strerror or exc}")
 
@@ -689,7 +688,7 @@ def _walk_local(root: str, skip: Iterable[str] = (), unlisted: list[str] | None 
             out.append(pafs.FileInfo(full, type=pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns)
                        if st is not None else pafs.FileInfo(full, type=pafs.FileType.File, size=0))
     _warn_undecodable(bad)
-    return out, bad, hidden
+    return out, bad, hidden, unlisted
 
 
 def _relative_glob(glob: str | None, base: str) -> str | None:
