@@ -395,6 +395,10 @@ def engines(model_dir: Path, x: np.ndarray, targets: list[int]) -> dict[str, Any
     threshold = 0.5
     candidates: list[tuple[str, Callable[[], Any]]] = [
         ("auto", lambda: load_engine(model_dir, "auto")),
+        # How the jobs call it: Ray says whether the actor holds a GPU (Ray 2.60 leaves every GPU
+        # visible to an actor that reserved none, so gpu=False must keep it on the CPU).
+        ("auto, gpu=True", lambda: load_engine(model_dir, "auto", gpu=True)),
+        ("auto, gpu=False", lambda: load_engine(model_dir, "auto", gpu=False)),
         ("torch fp32", lambda: TorchEngine(model_dir, bf16=False)),
         ("onnx", lambda: load_engine(model_dir, "onnx")),
     ]
