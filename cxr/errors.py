@@ -3,6 +3,10 @@ signals turned into one."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 
 class CxrError(Exception):
     """A user-facing failure: bad arguments, missing data, unreadable model.
@@ -63,7 +67,6 @@ def interrupt_on_termination() -> None:
     KeyboardInterrupt: the job flushes what it scored and stops Ray. Call it again after ``ray.init``, whose
     own handlers it replaces (``sys.exit``, no flush; or the core worker's stack dump and abort, exit 134)."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
@@ -74,6 +77,23 @@ def interrupt_on_termination() -> None:
     signal.signal(signal.SIGTERM, terminate)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: a closed terminal must not stop the job
         signal.signal(signal.SIGHUP, terminate)
+
+
+@contextlib.contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """:func:`interrupt_on_termination` for the length of a job run in-process (``run_screen`` from a
+    notebook or a scheduler's Python task): the caller's own SIGTERM and SIGHUP handlers come back after."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    interrupt_on_termination()
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)
 
 
 def first_line(exc: BaseException | str) -> str:

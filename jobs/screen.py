@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 
 from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
-from cxr.errors import Busy, CxrError, interrupt_on_termination
+from cxr.errors import Busy, CxrError, interrupt_on_termination, termination_as_interrupt
 from cxr.storage import child_uri, is_local, open_fs, uri_prefix, writable_folder
 
 if TYPE_CHECKING:  # the decode workers need no model code
@@ -232,10 +232,17 @@ def _label_root(archive: str, fs: pafs.FileSystem, root: str) -> str:
 
 
 def run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (cxr.screening.summarize_counts)."""
+    """Score ``cfg.archive`` into ``cfg.output``; returns the run summary (cxr.screening.summarize_counts).
+
+    SIGTERM and SIGHUP stop it as Ctrl-C does (what was scored is flushed) from its first step, listing
+    included; the caller's handlers are back when it returns."""
+    with termination_as_interrupt():
+        return _run_screen(cfg, on_progress)
+
+
+def _run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None) -> dict[str, Any]:
     from cxr.export import check_export
 
-    interrupt_on_termination()  # from the start: a SIGTERM while listing or checking still reports the failure
     t0 = time.perf_counter()
     meta = check_export(cfg.model, cfg.engine)
     classes = list(meta.classes)
