@@ -72,6 +72,8 @@ FILE_FIELDS = ("file", "files", "image", "images")
 #: engine failures in a row that make the replica unhealthy (Serve then replaces it)
 MAX_CONSECUTIVE_ENGINE_FAILURES = 3
 PROTECTED_PREFIX = "/v1/"
+# answers about patients (and errors about their requests): no cache keeps them
+NO_STORE = {"Cache-Control": "no-store"}
 LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 PROBABILITY_BUCKETS = [round(0.05 * i, 2) for i in range(1, 20)]
@@ -155,14 +157,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     codes = {404: "not_found", 405: "method_not_allowed"}
     return JSONResponse({"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail),
                          "request_id": request.headers.get("x-request-id")}, status_code=exc.status_code,
-                        headers={"Cache-Control": "no-store"})
+                        headers=NO_STORE)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"code": "invalid_request", "message": str(exc.errors())[:500],
                          "request_id": request.headers.get("x-request-id")}, status_code=422,
-                        headers={"Cache-Control": "no-store"})
+                        headers=NO_STORE)
 
 
 # ---------------------------------------------------------------- helpers (pure, testable)
@@ -485,9 +487,8 @@ class CxrModel:
         latency_ms = self._record(route, request, rid, status, code, t0, n_images)
         if status == 200 and "latency_ms" in payload:
             payload["latency_ms"] = round(latency_ms, 3)
-        # predictions (and batch answers naming their files) are about patients: no cache keeps them
         return JSONResponse(payload, status_code=status,
-                            headers={"X-Model-Id": self.meta.model_id, "Cache-Control": "no-store", **headers})
+                            headers={"X-Model-Id": self.meta.model_id, **NO_STORE, **headers})
 
     def _record(self, route: str, request: Request, rid: str, status: int, code: str | None, t0: float,
                 n_images: int) -> float:
