@@ -60,8 +60,7 @@ def patient_id_from_name(name: str) -> str:
 
 def known_patient_id(name: str) -> str | None:
     """The patient a Kermany-style file name names (see :func:`patient_id_from_name`), else None."""
-    stem = Path(name).stem
-    m = _PERSON.match(stem) or _IM.match(stem)
+    m = _PERSON.match(name) or _IM.match(name)  # on the name itself: both patterns end before any suffix
     return m.group(1) if m else None
 
 
