@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,26 @@ def split_by_patient(samples: list[Sample], val_fraction: float, seed: int, task
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
+def check_split_classes(train: list[Sample], val: list[Sample], task: str) -> None:
+    """Refuse a split a model cannot learn or be judged on: training must show every class, and validation
+    normal films and others (without both, its AUC and the exported threshold are undefined). A missing
+    NORMAL folder or a wrong label column used to train, and export, a model with a NaN AUC."""
+    classes = CLASSES[task]
+
+    def held(side: list[Sample]) -> str:
+        counts = Counter(classes[s.target(task)] for s in side)
+        return ", ".join(f"{n} {c}" for c, n in counts.most_common()) or "no images"
+
+    lacking = [c for i, c in enumerate(classes) if not any(s.target(task) == i for s in train)]
+    if lacking:
+        raise CxrError(f"the training images hold no {' or '.join(lacking)} ({held(train)}): check --data's labels "
+                       "(both class folders present? the manifest's label column?)")
+    in_val = {s.target(task) for s in val}
+    if 0 not in in_val or len(in_val) < 2:
+        raise CxrError(f"the validation split holds only {held(val)}: its AUC and the model's threshold would be "
+                       "undefined; give more images of each class, or a larger --val-fraction")
+
+
 def fingerprint(samples: list[Sample]) -> str:
     """sha256 over (relative name, label, patient) of a sample list: which data a model saw."""
     h = hashlib.sha256()
@@ -235,21 +256,29 @@ def write_split(path: Path, seed: int, val_fraction: float, train: list[Sample],
         "grouped_by": "patient_id",
         "train": {"images": len(train), "patients": len({s.patient_id for s in train}), "by_label": counts(train)},
         "val": {"images": len(val), "patients": len({s.patient_id for s in val}), "by_label": counts(val),
-                "patient_ids": sorted({s.patient_id for s in val}), "paths": [s.path for s in val]},
+                "patient_ids": sorted({s.patient_id for s in val}), "paths": [s.path for s in val],
+                # named by --data but not on disk when the run started (the workers skip them): no reason to
+                # refuse its --resume later (the start checks only a sample of the training paths)
+                "missing": [s.path for s in val if not Path(s.path).exists()]},
         "fingerprint": fingerprint(train + val),
     }, indent=2) + "\n")
 
 
 def saved_split(path: Path, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
     """(train, val) of a run's split.json over today's ``samples``, or an error if the data changed under it."""
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CxrError(f"cannot --resume: {path} is damaged ({exc}); it is the run's validation split, so restore "
+                       "it or start a new run with another --output") from None
     known = {s.path for s in samples}
     if "paths" in saved["val"]:
         val_paths = set(saved["val"]["paths"])
     else:  # split.json of an older cxr: the validation patients
         ids = set(saved["val"]["patient_ids"])
         val_paths = {s.path for s in samples if s.patient_id in ids}
-    gone = sorted(p for p in val_paths if p not in known or not Path(p).exists())
+    missing_at_start = set(saved["val"].get("missing", ()))
+    gone = sorted(p for p in val_paths if p not in known or (p not in missing_at_start and not Path(p).exists()))
     if gone:
         raise CxrError(f"cannot --resume: {len(gone)} of the run's {len(val_paths)} validation images are not in "
                        f"--data any more (e.g. {gone[0]}); start a new run with another --output")

@@ -62,6 +62,17 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_last_termination: int | None = None  # the signal `terminate` last raised for: a library may swallow the raise
+
+
+def last_termination() -> int | None:
+    """The signal number of the last SIGTERM/SIGHUP turned into :class:`Terminated` in this process, if any.
+
+    Ray Train's ``fit()`` catches the KeyboardInterrupt, aborts the run and raises ``SystemExit``: the job
+    asks this to exit 143 for a SIGTERM rather than 130 as for Ctrl-C."""
+    return _last_termination
+
+
 def interrupt_on_termination() -> None:
     """SIGTERM and SIGHUP raise :class:`cxr.errors.Terminated` in the main thread, as Ctrl-C raises
     KeyboardInterrupt: the job flushes what it scored and stops Ray. Call it again after ``ray.init``, whose
@@ -72,6 +83,8 @@ def interrupt_on_termination() -> None:
         return
 
     def terminate(signum: int, frame: object) -> None:
+        global _last_termination
+        _last_termination = signum
         raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, terminate)
@@ -85,6 +98,8 @@ def termination_as_interrupt() -> Iterator[None]:
     notebook or a scheduler's Python task): the caller's own SIGTERM and SIGHUP handlers come back after."""
     import signal
 
+    global _last_termination
+    _last_termination = None
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     interrupt_on_termination()
     try:

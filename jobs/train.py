@@ -31,9 +31,11 @@ from cxr.config import (
     TrainConfig, check_train_config, describe_run, from_dict, resume_config, save_json, to_dict,
 )
 from cxr.data import (
-    Sample, discover, fingerprint, saved_split, split_by_patient, stratified_subset, val_folds, write_split,
+    Sample, check_split_classes, discover, fingerprint, saved_split, split_by_patient, stratified_subset, val_folds,
+    write_split,
 )
-from cxr.errors import CxrError
+from cxr.errors import (CxrError, Terminated, first_line, interrupt_on_termination, last_termination,
+                        termination_as_interrupt)
 from cxr.export import METADATA, ModelMetadata, save_export
 from cxr.metrics import operating_point, validation_metrics
 from cxr.hardware import cpu_has_fast_bf16
@@ -316,8 +318,14 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
 
     With ``cfg.resume`` the run's saved config and split are authoritative: ``explicit`` names the
     flags the user passed (None: all of ``cfg``), and any of them that would change the run is an
-    error (see :func:`cxr.config.resume_config`).
+    error (see :func:`cxr.config.resume_config`). SIGTERM (``cxr jobs stop``, Kubernetes, preemption)
+    stops it as Ctrl-C does, keeping the checkpoints; the CLI then exits 143.
     """
+    with termination_as_interrupt():
+        return _run_training(cfg, max_steps, explicit)
+
+
+def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any) -> dict[str, Any]:
     if is_uri(cfg.output):  # Path() would make s3://b/r a local folder "s3:/b/r" under the working directory
         raise CxrError(f"--output must be a folder path (the run's config, split, metrics and model export; on a "
                        f"cluster, a filesystem every node mounts), not a URI: {cfg.output}. Checkpoints go to "
@@ -349,6 +357,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
         print(f"validation: the run's split ({split_file}): {len(val)} of {len(samples)} images", flush=True)
     else:
         train, val = split_by_patient(samples, cfg.val_fraction, cfg.seed, cfg.task)
+        check_split_classes(train, val, cfg.task)
         _check_batch_fits(cfg, len(train))
         print(f"validation: {len(val)} of {len(samples)} images ({len(val) / len(samples):.1%}), "
               f"{len({s.patient_id for s in val})} patients (--val-fraction {cfg.val_fraction}: one fold of "
@@ -376,6 +385,7 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     print(f"starting Ray and {cfg.workers} training worker(s); each reads its {len(train) // cfg.workers} images "
           "before epoch 1 ...", flush=True)
     started = init_ray()
+    interrupt_on_termination()  # again: ray.init installed its own (the core worker's stack dump, exit 134)
     try:
         _check_resources(cfg)
         trainer = ray.train.torch.TorchTrainer(
@@ -407,11 +417,12 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
             trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise CxrError(f"training failed: {_root_cause(exc)}") from None
-        except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run, then sys.exit()s
+        except (KeyboardInterrupt, SystemExit) as exc:  # Ray Train's own Ctrl-C handler aborts the run, then sys.exit()s
             kept = "the checkpoints are kept" if latest_checkpoint(storage) else "no epoch had finished"
             print(f"cxr train: interrupted ({kept}): continue with cxr train --resume --data {cfg.data} "
                   f"--output {cfg.output}", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt from None
+            signum = exc.signum if isinstance(exc, Terminated) else last_termination()
+            raise (Terminated(signum) if signum else KeyboardInterrupt()) from None
         return _finish(cfg, output, storage, train, val, time.time() - t0)
     finally:
         if started:
@@ -427,8 +438,16 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> tuple[Trai
     --resume can be fixed by fixing its flags.
     """
     path = output / "config.json"
-    saved = from_dict(TrainConfig, json.loads(path.read_text())) if path.is_file() else None
+    try:
+        saved = from_dict(TrainConfig, json.loads(path.read_text())) if path.is_file() else None
+    except ValueError as exc:
+        raise CxrError(f"cannot --resume: {path} is damaged ({first_line(exc)}); it is the run's config, so "
+                       "restore it or start a new run with another --output") from None
     ckpt = latest_checkpoint(_storage(saved or cfg, output))
+    if ckpt is None and (output / "model" / METADATA).is_file():
+        raise CxrError(f"cannot --resume {output}: the run has finished (model/ is exported) and its checkpoints "
+                       f"are gone from {join(_storage(saved or cfg, output), RUN_NAME)}: there is nothing to "
+                       "continue, and starting over would replace the export; start a new run with another --output")
     if ckpt is None:
         if saved is None:
             return check_train_config(cfg), None

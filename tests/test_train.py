@@ -178,6 +178,21 @@ def _train_error(tmp_path: Path, *args: str) -> str:
     return errors[0]
 
 
+def test_sigterm_stops_training_like_ctrl_c_and_exits_143(run_dir, data_dir: Path) -> None:
+    """`cxr jobs stop`, Kubernetes and preemption send SIGTERM: it exited 134 ("Aborted") after three stack
+    dumps of Ray's core worker, which an orchestrator reads as a crash."""
+    tmp, procs = run_dir
+    out = tmp / "run"
+    run = TrainProcess(["--data", str(data_dir), "--output", str(out), "--epochs", "3", *TINY], tmp / "term.log")
+    procs.append(run)
+    _wait_for(lambda: any((out / "checkpoints" / "train").glob("checkpoint_*/state.pt")), 600, run)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM, run.output()[-3000:]
+    log = run.output()
+    assert log.rstrip().endswith("terminated (SIGTERM)"), log[-2000:]
+    assert "the checkpoints are kept" in log and "SIGTERM received" not in log, log[-3000:]
+
+
 def test_runs_that_cannot_work_or_would_overwrite_fail_before_ray(tmp_path: Path, data_dir: Path) -> None:
     """A batch bigger than a worker's shard trained nothing and exported an untrained model with exit 0; a
     finished run whose checkpoints live elsewhere was overwritten; a manifest of missing files failed in four
@@ -200,6 +215,19 @@ def test_runs_that_cannot_work_or_would_overwrite_fail_before_ray(tmp_path: Path
                                                                     for i in range(8)))
     err = _train_error(tmp_path, "--data", str(tmp_path / "m" / "manifest.csv"), "--output", str(tmp_path / "b"), *tiny)
     assert "none of the 16 training images checked exists, e.g. " + str(tmp_path / "m" / "gone") in err, err
+    # one class only (a NORMAL folder missing, a wrong label column) trained and exported a model with AUC NaN
+    pneumonia = sorted((data_dir / "train" / "PNEUMONIA").glob("person*_bacteria_*.jpeg"))[:40]
+    (tmp_path / "m" / "one.csv").write_text("path,label\n" + "".join(f"{p},PNEUMONIA\n" for p in pneumonia))
+    err = _train_error(tmp_path, "--data", str(tmp_path / "m" / "one.csv"), "--output", str(tmp_path / "one"),
+                       "--preset", "tiny", "--image-size", "32", "--batch-size", "2")
+    assert "the training images hold no normal (" in err and "pneumonia)" in err, err
+    # --resume of a finished run whose checkpoints were deleted retrained and replaced its export
+    err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "done"), *tiny, "--resume")
+    assert "the run has finished (model/ is exported) and its checkpoints are gone" in err, err
+    (tmp_path / "dmg").mkdir()
+    (tmp_path / "dmg" / "config.json").write_text('{"data": "x", "outp')  # a write cut short
+    err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "dmg"), *tiny, "--resume")
+    assert "config.json is damaged" in err, err
 
 
 def test_resume_of_a_run_without_a_checkpoint_starts_over_with_the_new_flags(tmp_path: Path) -> None:
@@ -309,6 +337,15 @@ def test_resume_reuses_the_saved_split_and_refuses_changed_data(tmp_path: Path, 
     extra = Sample(str(tmp_path / "train" / "NORMAL" / "IM-9999-0001.jpeg"), "normal", "normal", "IM-9999")
     with pytest.raises(CxrError, match="not the ones of the run's split"):
         saved_split(tmp_path / "split.json", sorted(samples + [extra], key=lambda s: s.path))
-    Path(val[0].path).unlink()
+    gone = Path(val[0].path)
+    content = gone.read_bytes()
+    gone.unlink()
     with pytest.raises(CxrError, match="1 of the run's .* validation images are not in --data any more"):
         saved_split(tmp_path / "split.json", samples)
+    # a file the data named but that was missing when the run started (the workers skipped it) does not
+    # make the run impossible to resume
+    write_split(tmp_path / "split.json", 3, 0.25, train, val)
+    assert json.loads((tmp_path / "split.json").read_text())["val"]["missing"] == [str(gone)]
+    assert saved_split(tmp_path / "split.json", samples) == (train, val)
+    gone.write_bytes(content)
+    assert saved_split(tmp_path / "split.json", samples) == (train, val)
