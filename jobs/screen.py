@@ -395,9 +395,9 @@ def _execute(cfg: ScreenConfig, meta: "ModelMetadata", files: list[S.InputFile],
                   "mtime_ns": -1 if f.mtime_ns is None else f.mtime_ns} for f in files]
         engine = resolve_backend(cfg.engine, gpu=topo.actor_gpus > 0)
         batch = cfg.batch_size or preferred_batch(engine, gpu=topo.actor_gpus > 0)
-        blocks = max(1, math.ceil(len(items) / batch))
+        blocks = max(1, math.ceil(len(items) / S.files_per_block(len(items), batch, meta.preprocess.image_size)))
         # each actor costs seconds of start-up (a worker process, Ray Data, the engine): small jobs get fewer
-        topo.actors = max(1, min(topo.actors, blocks // 4))
+        topo.actors = max(1, min(topo.actors, math.ceil(len(items) / batch) // 4))
         report(f"starting {topo.actors} scoring actor(s): {engine} engine, {topo.threads} thread(s) each, "
                f"batch {batch}" + (f", {topo.actor_gpus:g} GPU each" if topo.actor_gpus else ""))
         ds = ray.data.from_items(items, override_num_blocks=blocks)

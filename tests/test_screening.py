@@ -501,6 +501,18 @@ def test_a_failed_run_keeps_the_last_successful_runs_lines_in_the_metrics_file(t
         {"cxr_screen_last_run_timestamp_seconds", "cxr_screen_success"}
 
 
+def test_read_blocks_stay_batch_sized_for_small_jobs_and_few_for_big_ones() -> None:
+    """A small archive streams one engine batch per read task (its first batch reaches the actors at once);
+    a million files make ~3,000 blocks, not 62,500 (Ray Data's cost per block), each under the memory cap."""
+    per = S.files_per_block
+    assert [per(n, 16, 224) for n in (1, 624, 6000, 16_000)] == [16] * 4
+    assert per(624, 64, 224) == 64
+    assert -(-100_000 // per(100_000, 16, 224)) == S.BLOCKS_TARGET
+    assert -(-1_000_000 // per(1_000_000, 16, 224)) < 3_000
+    assert all(per(n, 16, 224) * 4 * 224 * 224 <= S.BLOCK_IMAGE_BYTES for n in (10**5, 10**6, 10**7))
+    assert per(1_000_000, 16, 1024) == 16  # big images: the batch, whatever the memory cap says
+
+
 def test_topology_fits_the_cluster_or_asks_its_autoscaler_for_more() -> None:
     """Without --workers the actor pool fits the cluster as it is; with it, on a running cluster, every
     actor keeps its full share so the ones that do not fit make Ray's autoscaler add nodes."""
