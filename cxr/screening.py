@@ -226,38 +226,73 @@ def unchanged_keys(results: pa.Table, model_id: str) -> np.ndarray:
 class ResumeKeys(NamedTuple):
     done: np.ndarray  # :func:`done_keys`
     unchanged: np.ndarray  # :func:`unchanged_keys`, and the stat records that vouch for a current row
-    #: path -> size, for the paths whose current row this model scored: the row's size where the row has
-    #: a settled mtime (a same-size file with another mtime may hold the same bytes), None where it has
-    #: none (its stat vouches for nothing: any listing may hold the same bytes)
-    scored: Mapping[str, int | None]
+    #: (path, size) of the paths whose current row this model scored: the row's size where the row has a
+    #: settled mtime (a same-size file with another mtime may hold the same bytes), null where it has none
+    #: (its stat vouches for nothing: any listing may hold the same bytes). Arrow, not a dict: a million
+    #: paths as Python objects held ~1 GB of the driver for the whole run. Read with :func:`scored_sizes`.
+    scored: pa.Table
+
+
+def scored_sizes(resume: ResumeKeys, paths: Sequence[str]) -> dict[str, int | None]:
+    """:attr:`ResumeKeys.scored` for ``paths`` (the few a night has left to check): path -> size or None."""
+    if not paths or resume.scored.num_rows == 0:
+        return {}
+    hit = resume.scored.filter(pc.is_in(resume.scored["path"], value_set=pa.array(list(paths), pa.string())))
+    return dict(zip(hit["path"].to_pylist(), hit["size"].to_pylist()))
+
+
+_KEY_CHUNK = 65_536  # rows turned into Python strings at a time while hashing keys: bounded driver memory
+
+
+def _keys(columns: Sequence[pa.ChunkedArray], key: Any) -> np.ndarray:
+    """Sorted, distinct ``S16`` keys of ``key(*row)`` over the rows of ``columns``, a chunk at a time."""
+    parts = [np.zeros(0, dtype="S16")]
+    table = pa.table({str(i): c for i, c in enumerate(columns)})
+    for batch in table.to_batches(max_chunksize=_KEY_CHUNK):
+        rows = zip(*(col.to_pylist() for col in batch.columns))
+        parts.append(np.array([key(*row) for row in rows], dtype="S16"))
+    return np.unique(np.concatenate(parts))
+
+
+def _scored_by(current: pa.Table, model_id: str) -> pa.Table:
+    """(path, sha256, size, mtime) of the current rows ``model_id`` wrote, error rows included: what a rerun
+    need not score again. A retryable error (:data:`RETRY_CODES`, e.g. ``read_failed``) is tried again."""
+
+    def column(name: str, kind: pa.DataType) -> pa.ChunkedArray:
+        if name not in current.column_names:
+            return pa.chunked_array([pa.nulls(current.num_rows, kind)])
+        return current[name].cast(kind)  # an all-null column may have come in as type null
+
+    sha = column("sha256", pa.string())
+    ok = pc.and_(pc.equal(column("model_id", pa.string()), model_id), pc.greater(pc.utf8_length(sha), 0))
+    retry = pc.is_in(column("error_code", pa.string()), value_set=pa.array(sorted(RETRY_CODES)))
+    ok = pc.and_(pc.fill_null(ok, False), pc.invert(pc.fill_null(retry, False)))
+    return pa.table({"path": column("path", pa.string()), "sha256": sha, "size": column("size_bytes", pa.int64()),
+                     "mtime": column("mtime_ns", pa.int64())}).filter(ok)
 
 
 def resume_keys(results: pa.Table, model_id: str, stats: pa.Table | None = None) -> ResumeKeys:
     """:func:`done_keys` and :func:`unchanged_keys` from one pass over the current rows (a rerun needs
     both, and the newest-row-per-path sort is the costly part on a large results folder), plus the
-    stat keys of ``stats`` records (:func:`record_stats`) whose (path, sha256) is a current row's."""
+    stat keys of ``stats`` records (:func:`record_stats`) whose (path, sha256) is a current row's.
+
+    Selected in Arrow; only the keys' inputs become Python objects, a chunk at a time."""
     empty = np.zeros(0, dtype="S16")
     if results.num_rows == 0:
-        return ResumeKeys(empty, empty, {})
-    current = dedupe_latest(results)
-    wanted = ("path", "sha256", "model_id", "error_code", "size_bytes", "mtime_ns")
-    t = current.select([c for c in wanted if c in current.column_names]).to_pydict()
-    mtimes = t.get("mtime_ns") or [None] * current.num_rows
-    sizes = t.get("size_bytes") or [None] * current.num_rows
-    done, unchanged, scored = set(), set(), {}
-    for p, s, mid, e, n, m in zip(t["path"], t["sha256"], t["model_id"], t["error_code"], sizes, mtimes):
-        if mid != model_id or not s or e in RETRY_CODES:
-            continue
-        done.add(resume_key(p, s))
-        scored[p] = n if m is not None and n is not None else None
-        if m is not None and n is not None:
-            unchanged.add(stat_key(p, n, m))
+        return ResumeKeys(empty, empty, pa.table({"path": pa.array([], pa.string()), "size": pa.array([], pa.int64())}))
+    mine = _scored_by(dedupe_latest(results), model_id)
+    settled = pc.and_(pc.is_valid(mine["size"]), pc.is_valid(mine["mtime"]))
+    done = _keys([mine["path"], mine["sha256"]], resume_key)
+    stable = mine.filter(settled)
+    unchanged = [_keys([stable["path"], stable["size"], stable["mtime"]], stat_key)]
     if stats is not None and stats.num_rows:
-        st = stats.to_pydict()
-        for p, s, mid, n, m in zip(st["path"], st["sha256"], st["model_id"], st["size_bytes"], st["mtime_ns"]):
-            if mid == model_id and resume_key(p, s) in done:  # the content the current row scored
-                unchanged.add(stat_key(p, n, m))
-    return ResumeKeys(np.array(sorted(done), dtype="S16"), np.array(sorted(unchanged), dtype="S16"), scored)
+        vouched = stats.filter(pc.fill_null(pc.equal(stats["model_id"], model_id), False))
+        recorded = [(p, n_, m) for p, s_, n_, m in zip(*(vouched[c].to_pylist() for c in
+                                                         ("path", "sha256", "size_bytes", "mtime_ns")))
+                    if is_done(done, resume_key(p, s_))]  # the content the current row scored
+        unchanged.append(np.array([stat_key(*r) for r in recorded], dtype="S16"))
+    scored = pa.table({"path": mine["path"], "size": pc.if_else(settled, mine["size"], pa.scalar(None, pa.int64()))})
+    return ResumeKeys(done, np.unique(np.concatenate(unchanged)), scored)
 
 
 _STATS_SCHEMA = pa.schema([("path", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),

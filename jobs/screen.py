@@ -319,13 +319,8 @@ def _recheck_scored(files: list[S.InputFile], fs: pafs.FileSystem, resume: S.Res
     row's goes to Ray unhashed: its content changed.
     """
 
-    def suspect(f: S.InputFile) -> bool:
-        if f.path not in resume.scored:
-            return False
-        size = resume.scored[f.path]
-        return size is None or size == f.size
-
-    suspects = [f for f in files if suspect(f)]
+    scored = S.scored_sizes(resume, [f.path for f in files])
+    suspects = [f for f in files if f.path in scored and scored[f.path] in (None, f.size)]
     if not suspects:
         return files
     stage(f"checking {len(suspects)} file(s) scored before, by content")

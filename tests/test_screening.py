@@ -185,9 +185,11 @@ def test_stat_records_vouch_only_for_the_content_of_the_current_row(tmp_path: Pa
     assert S.is_done(keys.unchanged, S.stat_key("/a.png", 10, 5))
     assert not S.is_done(keys.unchanged, S.stat_key("/b.png", 10, 6))  # recorded for other content
     assert not S.is_done(keys.unchanged, S.stat_key("/b.png", 10, 7))  # recorded for another model
-    assert keys.scored == {"/a.png": None, "/b.png": None} and S.resume_keys(rows, "m").unchanged.size == 0
+    assert S.scored_sizes(keys, ["/a.png", "/b.png", "/z.png"]) == {"/a.png": None, "/b.png": None}
+    assert S.resume_keys(rows, "m").unchanged.size == 0
     settled = S.build_rows({**_base(["/c.png"]), "mtime_ns": [9]}, np.array([[0.9, 0.1]]), [True], CLASSES, 0.5, "m", "v")
-    assert S.resume_keys(settled, "m").scored == {"/c.png": 10}  # a same-size file may hold the same bytes
+    assert S.scored_sizes(S.resume_keys(settled, "m"), ["/c.png"]) == {"/c.png": 10}  # same size: maybe same bytes
+    assert S.scored_sizes(S.resume_keys(settled, "other model"), ["/c.png"]) == {}
     assert S.read_stats(str(tmp_path / "empty")) is None
 
 
