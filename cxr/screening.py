@@ -52,7 +52,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -623,32 +623,60 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
     except Exception as exc:  # noqa: BLE001
         raise CxrError(f"cannot list archive {archive}: {exc}") from None
     glob = _relative_glob(glob, base)
-    ignored = 0
     excluded = [e.rstrip("/") + "/" for e in exclude]
+    candidates = [fi for fi in sorted(named, key=lambda i: i.path)
+                  if not any(fi.path.startswith(e) for e in excluded)
+                  and not (glob and not _matches(fi.path[len(base):].lstrip("/"), glob))]
     files: list[InputFile] = []
-    for fi in sorted(named, key=lambda i: i.path):
-        if any(fi.path.startswith(e) for e in excluded):
+    ignored = 0
+    for fi, is_input in _inputs_by_content(fs, candidates):
+        if not is_input:
+            ignored += 1
             continue
-        rel = fi.path[len(base):].lstrip("/")
-        if glob and not _matches(rel, glob):
-            continue
-        if PurePosixPath(fi.base_name).suffix.lower() not in IMAGE_SUFFIXES:
-            from cxr.preprocess import detect_format  # here, not above: PIL is only needed for odd names
-
-            try:
-                with fs.open_input_file(fi.path) as f:
-                    head = f.read(_SNIFF_BYTES)
-            except Exception:  # noqa: BLE001 - unreadable: an input all the same, the job reports read_failed
-                head = None
-            if head is not None and detect_format(head) is None:  # b"" included: an empty file without a suffix
-                ignored += 1
-                continue
         mtime = fi.mtime_ns
         settled = mtime if mtime is not None and mtime < listed_ns - SETTLED_NS else None
         files.append(InputFile(path=prefix + fi.path, fs_path=fi.path, size=int(fi.size or 0), mtime_ns=settled))
         if limit is not None and len(files) >= limit:
             break
     return Listing(files, fs, ignored, unnamed, hidden, tuple(unlisted))
+
+
+# threads reading the first bytes of files without an image suffix: latency-bound on an object store; on a
+# local or NFS mount more than a few contend for the GIL (20,000 files, cold cache: 4.0 s in one, 1.8 in 4, 2.7 in 16)
+SNIFF_THREADS = {"local": 4, "remote": 16}
+_SNIFF_WINDOW = 1024  # files decided at a time, so --limit stops the reads soon after its N inputs
+
+
+def _inputs_by_content(fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> Iterator[tuple[pafs.FileInfo, bool]]:
+    """(file, whether it is an input), in order: a name with an image suffix is one; any other file is
+    one when its first bytes are an image's (``cxr.preprocess.detect_format``; DICOMs named by UID, such as
+    1.2.840.113619.2.55.3, have no image suffix). Those reads run in threads: one at a time, a million such
+    files at ~1 ms an open (NFS) would take ~17 min of every night's listing, and ~6 h at ~20 ms (S3)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sniff(fi: pafs.FileInfo) -> bool:
+        from cxr.preprocess import detect_format  # here, not above: PIL is only needed for odd names
+
+        if fi.size == 0:  # an empty file without an image suffix: not an image, no read needed
+            return False
+        try:
+            with fs.open_input_file(fi.path) as f:
+                head = f.read(_SNIFF_BYTES)
+        except Exception:  # noqa: BLE001 - unreadable: an input all the same, the job reports read_failed
+            return True
+        return detect_format(head) is not None
+
+    threads = SNIFF_THREADS["local" if isinstance(fs, pafs.LocalFileSystem) else "remote"]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(infos), _SNIFF_WINDOW):
+            window = infos[start:start + _SNIFF_WINDOW]
+            odd = [fi for fi in window if os.path.splitext(fi.base_name)[1].lower() not in IMAGE_SUFFIXES]
+            # one task per thread, each a slice of the window: a future per file cost more than a warm read
+            slices = [odd[i::threads] for i in range(min(threads, len(odd)))]
+            verdict = {fi.path: ok for part, oks in zip(slices, pool.map(lambda part: [sniff(fi) for fi in part], slices))
+                       for fi, ok in zip(part, oks)}
+            for fi in window:
+                yield fi, verdict.get(fi.path, True)
 
 
 def _hidden(name: str) -> bool:
