@@ -417,6 +417,18 @@ def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any) -> dic
             trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise CxrError(f"training failed: {_root_cause(exc)}") from None
+        except Exception as exc:
+            # Ray's own index of the run's checkpoints names one deleted since (to save disk, by hand): its
+            # TrainController dies creating itself (an ActorDiedError around Train v2's private
+            # CheckpointManagerInitializationError, matched by name). cxr finds its checkpoint without it.
+            text = f"{type(exc).__name__}: {exc}"
+            if "CheckpointManagerInitializationError" not in text:
+                raise
+            reason = text.split("CheckpointManagerInitializationError: ")[-1].splitlines()[0].split(". ")[0][:300]
+            snapshot = join(storage, RUN_NAME, "checkpoint_manager_snapshot.json")
+            raise CxrError(f"cannot --resume: Ray Train refuses its run snapshot {snapshot} ({reason}); delete that "
+                           "file (Ray's index of the checkpoints; cxr finds them without it) and --resume again: "
+                           "training continues from the newest complete checkpoint left") from None
         except (KeyboardInterrupt, SystemExit) as exc:  # Ray Train's own Ctrl-C handler aborts the run, then sys.exit()s
             kept = "the checkpoints are kept" if latest_checkpoint(storage) else "no epoch had finished"
             print(f"cxr train: interrupted ({kept}): continue with cxr train --resume --data {cfg.data} "

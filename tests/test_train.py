@@ -183,14 +183,36 @@ def test_sigterm_stops_training_like_ctrl_c_and_exits_143(run_dir, data_dir: Pat
     dumps of Ray's core worker, which an orchestrator reads as a crash."""
     tmp, procs = run_dir
     out = tmp / "run"
-    run = TrainProcess(["--data", str(data_dir), "--output", str(out), "--epochs", "3", *TINY], tmp / "term.log")
+    args = ["--data", str(data_dir), "--output", str(out), "--epochs", "3", *TINY]
+    run = TrainProcess(args, tmp / "term.log")
     procs.append(run)
-    _wait_for(lambda: any((out / "checkpoints" / "train").glob("checkpoint_*/state.pt")), 600, run)
+    snapshot = out / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+
+    def checkpoints_in_snapshot() -> list[str]:
+        try:
+            return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    _wait_for(lambda: bool(checkpoints_in_snapshot()), 600, run)
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(timeout=120) == 128 + signal.SIGTERM, run.output()[-3000:]
     log = run.output()
     assert log.rstrip().endswith("terminated (SIGTERM)"), log[-2000:]
     assert "the checkpoints are kept" in log and "SIGTERM received" not in log, log[-3000:]
+
+    # a checkpoint deleted by hand (to save disk) that Ray's snapshot still names: one line saying what to do
+    # (it was a TrainController traceback and exit 1), and doing it resumes
+    shutil.rmtree(snapshot.parent / checkpoints_in_snapshot()[-1])
+    refused = TrainProcess(["--resume", *args], tmp / "refused.log")
+    procs.append(refused)
+    assert refused.wait(timeout=300) == 2, refused.output()[-3000:]
+    assert "delete that file" in refused.output() and "Traceback" not in refused.output(), refused.output()[-3000:]
+    snapshot.unlink()
+    again = TrainProcess(["--resume", *args], tmp / "again.log")
+    procs.append(again)
+    assert again.wait(timeout=600) == 0, again.output()[-3000:]
+    assert (out / "model" / "metadata.json").is_file()
 
 
 def test_runs_that_cannot_work_or_would_overwrite_fail_before_ray(tmp_path: Path, data_dir: Path) -> None:
