@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 
-from cxr.errors import CxrError
+from cxr.errors import Busy, CxrError
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -86,3 +86,34 @@ def upload_folder(local: Path, fs: pafs.FileSystem, root: str) -> None:
     """Copy a local folder's files under ``root`` of ``fs`` (replacing files of the same name)."""
     fs.create_dir(root, recursive=True)
     pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@contextmanager
+def exclusive(location: str, lock_name: str, busy: str) -> Iterator[None]:
+    """One writer at a time in a local (or mounted) folder: an flock on ``location/lock_name``, released when
+    the process ends, SIGKILL included. A second writer gets :class:`cxr.errors.Busy` (``busy``: what to
+    tell it). Object stores have no locks (one run per folder is then the caller's job), and a mount
+    without flock support (some FUSE file systems) runs unlocked, with a warning."""
+    import fcntl
+    import logging
+
+    if not is_local(location):
+        yield
+        return
+    folder = Path(open_fs(location)[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(folder / lock_name), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(busy) from None
+        except OSError as exc:
+            logging.getLogger("cxr").warning("warning: cannot lock %s (%s): a second run there would not be "
+                                             "refused", folder / lock_name, exc.strerror or exc)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)

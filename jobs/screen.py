@@ -18,7 +18,6 @@ exact progress, atomic parts and a run summary without another pass.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -26,11 +25,10 @@ import os
 import re
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +36,8 @@ import pyarrow.fs as pafs
 
 from cxr import screening as S
 from cxr.config import PreprocessConfig, ScreenConfig
-from cxr.errors import Busy, CxrError, interrupt_on_termination, termination_as_interrupt
-from cxr.storage import child_uri, is_local, open_fs, uri_prefix, writable_folder
+from cxr.errors import CxrError, interrupt_on_termination, termination_as_interrupt
+from cxr.storage import child_uri, exclusive, open_fs, uri_prefix, writable_folder
 
 if TYPE_CHECKING:  # the decode workers need no model code
     from cxr.export import ModelMetadata
@@ -193,27 +191,6 @@ class Scorer:
 # --------------------------------------------------------------------------- driver side
 
 
-@contextmanager
-def _lock(location: str) -> Iterator[None]:
-    """One writer per local output folder (the lock dies with the process, SIGKILL included)."""
-    if not is_local(location):
-        yield  # object stores have no locks: one run per output folder is the caller's job
-        return
-    fs, out_dir = open_fs(location)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(Path(out_dir) / S.LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Busy(f"another `cxr screen` is writing to {location}; wait for it or use another --output") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)
-
-
 def _model_of_part(fs: pafs.FileSystem, part: str) -> str | None:
     """The model that wrote a result part (a folder whose state file was lost still has an owner)."""
     import pyarrow.parquet as pq
@@ -261,7 +238,8 @@ def _run_screen(cfg: ScreenConfig, on_progress: ProgressFn | None) -> dict[str, 
         where = f"{cfg.archive}" + (f" matching --glob {cfg.glob}" if cfg.glob else "")
         print(f"warning: no input files under {where} (is it mounted? is the pattern right?)", file=sys.stderr)
 
-    with _lock(cfg.output):
+    with exclusive(cfg.output, S.LOCK_FILE, f"another `cxr screen` is writing to {cfg.output}; wait for it or use "
+                   "another --output"):
         state = S.read_state(cfg.output)
         parts = S.list_parts(out_fs, out_dir)  # listed once: on an object store each listing is a request
         # a folder without results belongs to no model (say, its first run failed before scoring anything)

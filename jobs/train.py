@@ -7,6 +7,7 @@ lives in ``cxr.training`` (plain PyTorch, testable without Ray).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ from cxr.metrics import operating_point, validation_metrics
 from cxr.hardware import cpu_has_fast_bf16
 from cxr.model import build_model, load_backbone, pretrained_state_dict
 from cxr.preprocess import make_train_augment
-from cxr.storage import child_uri, is_uri, join, open_fs
+from cxr.storage import child_uri, exclusive, is_uri, join, open_fs
 from cxr.training import (
     DistributedBalancedSampler, EpochSeeded, ProgressBar, XrayDataset, build_optimizer, build_scheduler, check_loaded,
     checkpoint_rank, class_weights, ema_avg_fn, load_images, merge_epoch_stats, predict, seed_everything, train_one_epoch,
@@ -239,6 +240,20 @@ def _check_files_exist(samples: list[Sample], probe: int = 200) -> None:
               "the workers skip unreadable images", flush=True)
 
 
+def _check_writable(storage: str) -> None:
+    """A checkpoint location that cannot be written (read-only, not a folder, a bucket without write access)
+    failed after epoch 1, in a 96-line traceback of Ray's TrainController: one line naming it, before Ray."""
+    fs, root = open_fs(storage)
+    probe = f"{root}/.cxr-write-probe-{os.getpid()}"
+    try:
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as exc:  # noqa: BLE001 - OSError locally; ArrowException or botocore errors on object stores
+        raise CxrError(f"cannot write checkpoints to --storage {storage}: {first_line(exc)}") from None
+
+
 def _check_batch_fits(cfg: TrainConfig, n_train: int) -> None:
     """Each worker drops its last partial batch: a shard smaller than one batch trains nothing at all."""
     shard = n_train // cfg.workers
@@ -321,8 +336,22 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     error (see :func:`cxr.config.resume_config`). SIGTERM (``cxr jobs stop``, Kubernetes, preemption)
     stops it as Ctrl-C does, keeping the checkpoints; the CLI then exits 143.
     """
-    with termination_as_interrupt():
+    with termination_as_interrupt(), _one_run_at_a_time(cfg):
         return _run_training(cfg, max_steps, explicit)
+
+
+@contextlib.contextmanager
+def _one_run_at_a_time(cfg: TrainConfig) -> Iterator[None]:
+    """Two drivers on one run folder (a RayJob retried while its first driver still runs, two people
+    with one --output) would write over each other's checkpoints, metrics and export: the second is
+    refused (exit 75) until the first ends."""
+    output = None if is_uri(cfg.output) else Path(cfg.output).expanduser().resolve()
+    if output is None or (output.exists() and not output.is_dir()):
+        yield  # _run_training refuses these in one line
+        return
+    with exclusive(str(output), ".train.lock", f"another `cxr train` is running in {output}; wait for it to end "
+                   "(then --resume continues from its checkpoints) or give another --output"):
+        yield
 
 
 def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any) -> dict[str, Any]:
@@ -378,6 +407,7 @@ def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any) -> dic
         print("cxr train: the run had finished; exporting its best checkpoint again", flush=True)
         return _finish(cfg, output, storage, train, val, 0.0)
 
+    _check_writable(storage)
     if cfg.amp and not cfg.gpus and not cluster_address() and not cpu_has_fast_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX), so training runs in fp32, ~2.3x slower per "
               "image than the `cpu` preset's budget assumes (~90 min instead of ~40 on 2 cores); "

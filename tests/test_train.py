@@ -246,6 +246,20 @@ def test_runs_that_cannot_work_or_would_overwrite_fail_before_ray(tmp_path: Path
     # --resume of a finished run whose checkpoints were deleted retrained and replaced its export
     err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "done"), *tiny, "--resume")
     assert "the run has finished (model/ is exported) and its checkpoints are gone" in err, err
+    # checkpoints that cannot be written failed after epoch 1, in a traceback of Ray's TrainController
+    (tmp_path / "a-file").write_text("")
+    err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "s"), *tiny,
+                       "--storage", str(tmp_path / "a-file" / "checkpoints"))
+    assert "cannot write checkpoints to --storage " + str(tmp_path / "a-file" / "checkpoints") in err, err
+    # a second driver on one run folder (a RayJob retried while the first still runs) is refused, exit 75
+    import fcntl
+
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".train.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = subprocess.run(CLI + ["train", "--data", str(data_dir), "--output", str(tmp_path / "busy"), *tiny],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert busy.returncode == 75 and "another `cxr train` is running in" in busy.stderr, busy.stderr[-2000:]
     (tmp_path / "dmg").mkdir()
     (tmp_path / "dmg" / "config.json").write_text('{"data": "x", "outp')  # a write cut short
     err = _train_error(tmp_path, "--data", str(data_dir), "--output", str(tmp_path / "dmg"), *tiny, "--resume")
