@@ -382,6 +382,13 @@ def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:
     blank.write_text("path,label\na.png,\nb.png,NORMAL\n")
     idx = S.load_labels(str(blank), CLASSES)
     assert idx.lookup(str(tmp_path / "a.png"), None) is None and idx.lookup(str(tmp_path / "b.png"), None) == "normal"
+    # a symlinked file keeps its own name, as the archive's listing gives it (its target's name never matched)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "0001.png").write_bytes(b"x")
+    (tmp_path / "alias.png").symlink_to(tmp_path / "store" / "0001.png")
+    linked = tmp_path / "linked.csv"
+    linked.write_text("path,label\nalias.png,PNEUMONIA\n")
+    assert S.load_labels(str(linked), CLASSES).lookup(str(tmp_path / "alias.png"), None) == "pneumonia"
     odd.write_text("path,label\nb.png,sick\n")
     with pytest.raises(CxrError, match="sick"):  # a label that is there but wrong still fails loudly
         S.load_labels(str(odd), CLASSES)
