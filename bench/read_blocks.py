@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -38,8 +39,8 @@ def main() -> None:
     from cxr.screening import files_per_block
 
     os.environ.setdefault("RAY_ADDRESS", "local")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-             _temp_dir=tempfile.mkdtemp(prefix="cxr-bench-ray-"))
+    temp_dir = tempfile.mkdtemp(prefix="cxr-bench-ray-")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", _temp_dir=temp_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False
     n = args.files
     items = [{"path": f"/archive/site{i % 50}/study{i // 7}/film-{i:09d}.dcm", "fs_path": "", "size": 100_000 + i,
@@ -57,6 +58,7 @@ def main() -> None:
         assert seen == n, (seen, n)
         rows.append((name, per_block, blocks, created, time.perf_counter() - t))
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
     base = rows[0][4]
     print(f"\n{n:,} files, {os.cpu_count()} CPUs\n")

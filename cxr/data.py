@@ -10,6 +10,7 @@ import csv
 import functools
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -111,12 +112,15 @@ def manifest_entry_path(manifest: Path, path: str) -> str:
     ``resolve()`` per row made a million-row labels manifest take ~6 min."""
     if is_uri(path):
         return path
-    folder, _, name = str(manifest.parent / path).rpartition("/")
+    # absolute before the cache: a relative manifest is relative to today's working directory
+    full = os.path.join(_resolved_folder(os.path.abspath(manifest.parent)), path)
+    folder, _, name = full.rpartition("/")
     return f"{_resolved_folder(folder or '/').rstrip('/')}/{name}"
 
 
 @functools.lru_cache(maxsize=65_536)
 def _resolved_folder(folder: str) -> str:
+    """An absolute folder with its symlinks and ``..`` resolved (cached: a manifest names few folders)."""
     return str(Path(folder).resolve())
 
 
@@ -226,7 +230,7 @@ def check_split_classes(train: list[Sample], val: list[Sample], task: str) -> No
                        "(both class folders present? the manifest's label column?)")
     in_val = {s.target(task) for s in val}
     if 0 not in in_val or len(in_val) < 2:
-        raise CxrError(f"the validation split holds only {held(val)}: its AUC and the model's threshold would be "
+        raise CxrError(f"the validation split holds {held(val)}: its AUC and the model's threshold would be "
                        "undefined; give more images of each class, or a larger --val-fraction")
 
 
@@ -281,7 +285,8 @@ def saved_split(path: Path, samples: list[Sample]) -> tuple[list[Sample], list[S
     """(train, val) of a run's split.json over today's ``samples``, or an error if the data changed under it."""
     try:
         saved = json.loads(path.read_text())
-    except ValueError as exc:
+        saved["val"]["images"]  # noqa: B018 - the shape every use below relies on
+    except (ValueError, TypeError, KeyError) as exc:
         raise CxrError(f"cannot --resume: {path} is damaged ({exc}); it is the run's validation split, so restore "
                        "it or start a new run with another --output") from None
     known = {s.path for s in samples}

@@ -106,9 +106,8 @@ def termination_as_interrupt() -> Iterator[None]:
         yield
     finally:
         if threading.current_thread() is threading.main_thread():
-            for sig, handler in saved.items():
-                if handler is not None:  # None: set outside Python, cannot be put back
-                    signal.signal(sig, handler)
+            for sig, handler in saved.items():  # None: set outside Python, which cannot be put back: the default
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def first_line(exc: BaseException | str) -> str:

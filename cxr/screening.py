@@ -234,7 +234,7 @@ class ResumeKeys(NamedTuple):
 
 
 def scored_sizes(resume: ResumeKeys, paths: Sequence[str]) -> dict[str, int | None]:
-    """:attr:`ResumeKeys.scored` for ``paths`` (the few a night has left to check): path -> size or None."""
+    """:attr:`ResumeKeys.scored` for ``paths`` (those a rerun has left to check, usually few): path -> size or None."""
     if not paths or resume.scored.num_rows == 0:
         return {}
     hit = resume.scored.filter(pc.is_in(resume.scored["path"], value_set=pa.array(list(paths), pa.string())))
@@ -276,7 +276,8 @@ def resume_keys(results: pa.Table, model_id: str, stats: pa.Table | None = None)
     both, and the newest-row-per-path sort is the costly part on a large results folder), plus the
     stat keys of ``stats`` records (:func:`record_stats`) whose (path, sha256) is a current row's.
 
-    Selected in Arrow; only the keys' inputs become Python objects, a chunk at a time."""
+    Selected in Arrow; only the keys' inputs become Python objects, a chunk at a time (the stat records,
+    a few per run, at once)."""
     empty = np.zeros(0, dtype="S16")
     if results.num_rows == 0:
         return ResumeKeys(empty, empty, pa.table({"path": pa.array([], pa.string()), "size": pa.array([], pa.int64())}))
@@ -655,16 +656,14 @@ def _inputs_by_content(fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> I
     from concurrent.futures import ThreadPoolExecutor
 
     def sniff(fi: pafs.FileInfo) -> bool:
-        from cxr.preprocess import detect_format  # here, not above: PIL is only needed for odd names
-
-        if fi.size == 0:  # an empty file without an image suffix: not an image, no read needed
-            return False
         try:
             with fs.open_input_file(fi.path) as f:
                 head = f.read(_SNIFF_BYTES)
         except Exception:  # noqa: BLE001 - unreadable: an input all the same, the job reports read_failed
             return True
         return detect_format(head) is not None
+
+    from cxr.preprocess import detect_format  # here, not above: PIL is only needed for odd names
 
     threads = SNIFF_THREADS["local" if isinstance(fs, pafs.LocalFileSystem) else "remote"]
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -1068,7 +1067,7 @@ class Topology:
     task_cpus: float
 
 
-BLOCKS_TARGET = 1000  # past this, Ray Data's per-block cost (~10 ms of scheduling each) outweighs finer streaming
+BLOCKS_TARGET = 1000  # past this, Ray Data's per-block cost (~12 ms each on 2 cores) outweighs finer streaming
 BLOCK_IMAGE_BYTES = 64 * 2**20  # the decoded float32 images one read block may hold
 
 
@@ -1076,8 +1075,8 @@ def files_per_block(files: int, batch: int, image_size: int) -> int:
     """How many files one read-and-decode task takes: the engine's batch for up to ``BLOCKS_TARGET`` batches,
     so a small job streams its first batch to the actors at once; then more per block, up to what keeps a
     block's decoded images under ``BLOCK_IMAGE_BYTES``. At 16 files a block, a million-file night had 62,500
-    blocks: Ray Data's overhead per block alone measured ~13 ms here (100k files: 84 s in 6,250 blocks
-    against 10 s in 390, BENCHMARKS.md)."""
+    blocks, at ~12 ms of Ray Data's overhead each (bench/read_blocks.py, 100,000 files: 80.4 s in 6,250
+    blocks against 12.0 s in 1,000; BENCHMARKS.md)."""
     by_memory = max(1, BLOCK_IMAGE_BYTES // (4 * image_size * image_size))
     return max(batch, min(by_memory, math.ceil(files / BLOCKS_TARGET)))
 

@@ -336,25 +336,13 @@ def run_training(cfg: TrainConfig, max_steps: int | None = None, explicit: Any =
     error (see :func:`cxr.config.resume_config`). SIGTERM (``cxr jobs stop``, Kubernetes, preemption)
     stops it as Ctrl-C does, keeping the checkpoints; the CLI then exits 143.
     """
-    with termination_as_interrupt(), _one_run_at_a_time(cfg):
-        return _run_training(cfg, max_steps, explicit)
+    with termination_as_interrupt(), contextlib.ExitStack() as held:
+        return _run_training(cfg, max_steps, explicit, held)
 
 
-@contextlib.contextmanager
-def _one_run_at_a_time(cfg: TrainConfig) -> Iterator[None]:
-    """Two drivers on one run folder (a RayJob retried while its first driver still runs, two people
-    with one --output) would write over each other's checkpoints, metrics and export: the second is
-    refused (exit 75) until the first ends."""
-    output = None if is_uri(cfg.output) else Path(cfg.output).expanduser().resolve()
-    if output is None or (output.exists() and not output.is_dir()):
-        yield  # _run_training refuses these in one line
-        return
-    with exclusive(str(output), ".train.lock", f"another `cxr train` is running in {output}; wait for it to end "
-                   "(then --resume continues from its checkpoints) or give another --output"):
-        yield
-
-
-def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any) -> dict[str, Any]:
+def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any,
+                  held: contextlib.ExitStack) -> dict[str, Any]:
+    """``held`` keeps the run folder's lock (taken before the first write into it) until the run ends."""
     if is_uri(cfg.output):  # Path() would make s3://b/r a local folder "s3:/b/r" under the working directory
         raise CxrError(f"--output must be a folder path (the run's config, split, metrics and model export; on a "
                        f"cluster, a filesystem every node mounts), not a URI: {cfg.output}. Checkpoints go to "
@@ -397,6 +385,10 @@ def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any) -> dic
         load_backbone(build_model(len(cfg.classes)), weights)  # bad weights fail here, in one line, before Ray starts
     if cfg.resume and resume_from is None:
         print(f"--resume: no checkpoint in {join(storage, RUN_NAME)} yet; starting from scratch", flush=True)
+    # two drivers on one run folder (a RayJob retried while its first driver still runs, two people with one
+    # --output) would write over each other's checkpoints, metrics and export: the second is refused, exit 75
+    held.enter_context(exclusive(str(output), ".train.lock", f"another `cxr train` is running in {output}; wait "
+                                 "for it to end (then --resume continues from its checkpoints) or give another --output"))
     output.mkdir(parents=True, exist_ok=True)
     save_json(dataclasses.replace(cfg, resume=False), output / "config.json")  # the run's config, not this call's
     if not reuse_split:
@@ -456,9 +448,9 @@ def _run_training(cfg: TrainConfig, max_steps: int | None, explicit: Any) -> dic
                 raise
             reason = text.split("CheckpointManagerInitializationError: ")[-1].splitlines()[0].split(". ")[0][:300]
             snapshot = join(storage, RUN_NAME, "checkpoint_manager_snapshot.json")
-            raise CxrError(f"cannot --resume: Ray Train refuses its run snapshot {snapshot} ({reason}); delete that "
-                           "file (Ray's index of the checkpoints; cxr finds them without it) and --resume again: "
-                           "training continues from the newest complete checkpoint left") from None
+            raise CxrError(f"Ray Train refuses its run snapshot {snapshot} ({reason}); delete that file (Ray's index "
+                           "of the checkpoints; cxr finds them without it) and run again: with --resume, training "
+                           "continues from the newest complete checkpoint left") from None
         except (KeyboardInterrupt, SystemExit) as exc:  # Ray Train's own Ctrl-C handler aborts the run, then sys.exit()s
             kept = "the checkpoints are kept" if latest_checkpoint(storage) else "no epoch had finished"
             print(f"cxr train: interrupted ({kept}): continue with cxr train --resume --data {cfg.data} "
@@ -482,7 +474,7 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> tuple[Trai
     path = output / "config.json"
     try:
         saved = from_dict(TrainConfig, json.loads(path.read_text())) if path.is_file() else None
-    except ValueError as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # cut short, or not a config at all
         raise CxrError(f"cannot --resume: {path} is damaged ({first_line(exc)}); it is the run's config, so "
                        "restore it or start a new run with another --output") from None
     ckpt = latest_checkpoint(_storage(saved or cfg, output))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -360,7 +361,20 @@ def test_locations_local_or_uri() -> None:
     assert not is_local("s3://b/x") and is_uri("s3://b/x") and is_uri(Path("rel")) is False
 
 
-def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:
+def test_files_without_an_image_suffix_are_inputs_by_content_or_when_unreadable(tmp_path: Path) -> None:
+    """A DICOM named by UID is an input by its bytes; notes and empty files are not; a file that cannot be
+    read (listed without a stat, in a folder without execute permission) is, so its read gives a row."""
+    (tmp_path / "1.2.840.113619.2.55.3").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    (tmp_path / "notes").write_text("not an image " * 20)
+    (tmp_path / "empty").write_bytes(b"")
+    infos = [pafs.FileInfo(str(tmp_path / n), type=pafs.FileType.File, size=(tmp_path / n).stat().st_size)
+             for n in ("1.2.840.113619.2.55.3", "notes", "empty")]
+    infos.append(pafs.FileInfo(str(tmp_path / "gone" / "1.2.3"), type=pafs.FileType.File, size=0))
+    verdicts = [(Path(fi.path).name, ok) for fi, ok in S._inputs_by_content(pafs.LocalFileSystem(), infos)]
+    assert verdicts == [("1.2.840.113619.2.55.3", True), ("notes", False), ("empty", False), ("1.2.3", True)]
+
+
+def test_labels_by_path_then_sha_then_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     man = tmp_path / "labels.csv"
     man.write_text("path,label,subtype,sha256\nimgs/a.png,PNEUMONIA,virus,\nelsewhere/b.png,NORMAL,normal," + "f" * 64 + "\n")
     idx = S.load_labels(str(man), CLASSES, folder_root="/x")
@@ -389,6 +403,10 @@ def test_labels_by_path_then_sha_then_folder(tmp_path: Path) -> None:
     linked = tmp_path / "linked.csv"
     linked.write_text("path,label\nalias.png,PNEUMONIA\n")
     assert S.load_labels(str(linked), CLASSES).lookup(str(tmp_path / "alias.png"), None) == "pneumonia"
+    monkeypatch.chdir(tmp_path / "store")  # a manifest named relative to the working directory, whichever it is
+    assert S.load_labels("../linked.csv", CLASSES).lookup(str(tmp_path / "alias.png"), None) == "pneumonia"
+    monkeypatch.chdir(tmp_path)
+    assert S.load_labels("linked.csv", CLASSES).lookup(str(tmp_path / "alias.png"), None) == "pneumonia"
     odd.write_text("path,label\nb.png,sick\n")
     with pytest.raises(CxrError, match="sick"):  # a label that is there but wrong still fails loudly
         S.load_labels(str(odd), CLASSES)
