@@ -58,6 +58,11 @@ def pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
 
     if path.is_dir() and (path / WEIGHTS).is_file():  # an export of ours: fine-tune from its weights
         path = path / WEIGHTS
+    if path.is_dir() and (path / "model" / WEIGHTS).is_file():
+        raise CxrError(f"--pretrained: {source} is a training run; its exported model is {path / 'model'}")
+    if path.name == "state.pt" and path.parent.name.startswith("checkpoint_"):
+        raise CxrError(f"--pretrained: {source} is a training checkpoint (model, optimizer and history); give "
+                       "its run's exported model/ folder instead")
     if not path.is_file():
         raise CxrError(f"--pretrained: {source!r} is neither 'imagenet', 'none', a weights file nor a cxr model "
                        "export folder")
@@ -70,8 +75,13 @@ def pretrained_state_dict(source: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, or pickled objects beyond tensors
         raise CxrError(f"--pretrained: cannot read {path} as a state_dict ({_load_failure(exc)}); "
                        "give a file written by torch.save(model.state_dict())") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    # a training script's checkpoint around the weights ("state_dict" as Lightning, "model", "model_state_dict"
+    # as the PyTorch tutorials), if it holds only what weights_only=True reads (torchvision's reference
+    # scripts also pickle their argparse Namespace: refused above, and never unpickled)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrError(f"--pretrained: {path} does not hold a state_dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}

@@ -320,6 +320,19 @@ def test_unreadable_weights_and_offline_imagenet_fail_clearly(tmp_path: Path) ->
     save_export(tmp_path / "export", build_model(2), ModelMetadata(classes=["normal", "pneumonia"]), graphs=False)
     assert torch.equal(build_model(2, str(tmp_path / "export")).conv1.weight,  # an export of ours: its weights
                        torch.load(tmp_path / "export" / "weights.pt")["conv1.weight"])
+    # a training script's checkpoint around the weights ({"model": ..., "epoch": ...})
+    sd = torch.load(tmp_path / "export" / "weights.pt")
+    torch.save({"model": sd, "epoch": torch.tensor(3)}, tmp_path / "ckpt.pth")
+    assert torch.equal(build_model(2, str(tmp_path / "ckpt.pth")).conv1.weight, sd["conv1.weight"])
+    # a run folder, or one of its checkpoints, instead of the run's export: said which to give
+    (tmp_path / "run").mkdir()
+    (tmp_path / "export").rename(tmp_path / "run" / "model")
+    with pytest.raises(CxrError, match="is a training run; its exported model is .*run/model"):
+        build_model(2, str(tmp_path / "run"))
+    (tmp_path / "run" / "checkpoint_1").mkdir()
+    torch.save({"model": sd}, tmp_path / "run" / "checkpoint_1" / "state.pt")
+    with pytest.raises(CxrError, match="is a training checkpoint"):
+        build_model(2, str(tmp_path / "run" / "checkpoint_1" / "state.pt"))
 
 
 def test_train_output_uri_is_refused_not_made_a_local_folder(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
