@@ -643,7 +643,8 @@ def list_archive(archive: str, glob: str | None = None, limit: int | None = None
 
 
 # threads reading the first bytes of files without an image suffix: latency-bound on an object store; on a
-# local or NFS mount more than a few contend for the GIL (20,000 files, cold cache: 4.0 s in one, 1.8 in 4, 2.7 in 16)
+# local or NFS mount more than a few contend for the GIL (30,000 such files, cold page cache: 3.1-4.0 s in
+# one thread, 1.6-1.8 s in 4, 2.6-2.7 s in 16)
 SNIFF_THREADS = {"local": 4, "remote": 16}
 _SNIFF_WINDOW = 1024  # files decided at a time, so --limit stops the reads soon after its N inputs
 
@@ -656,14 +657,14 @@ def _inputs_by_content(fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> I
     from concurrent.futures import ThreadPoolExecutor
 
     def sniff(fi: pafs.FileInfo) -> bool:
+        from cxr.preprocess import detect_format  # here: PIL only for odd names (the import lock serialises it)
+
         try:
             with fs.open_input_file(fi.path) as f:
                 head = f.read(_SNIFF_BYTES)
         except Exception:  # noqa: BLE001 - unreadable: an input all the same, the job reports read_failed
             return True
         return detect_format(head) is not None
-
-    from cxr.preprocess import detect_format  # here, not above: PIL is only needed for odd names
 
     threads = SNIFF_THREADS["local" if isinstance(fs, pafs.LocalFileSystem) else "remote"]
     with ThreadPoolExecutor(max_workers=threads) as pool:
