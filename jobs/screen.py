@@ -296,7 +296,6 @@ def _recheck_scored(files: list[S.InputFile], fs: pafs.FileSystem, resume: S.Res
     run skips it unread; other content is scored (read again by Ray). A file whose size differs from its
     row's goes to Ray unhashed: its content changed.
     """
-
     scored = S.scored_sizes(resume, [f.path for f in files])
     suspects = [f for f in files if f.path in scored and scored[f.path] in (None, f.size)]
     if not suspects:

@@ -477,12 +477,13 @@ def _resumed_config(cfg: TrainConfig, output: Path, explicit: Any) -> tuple[Trai
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # cut short, or not a config at all
         raise CxrError(f"cannot --resume: {path} is damaged ({first_line(exc)}); it is the run's config, so "
                        "restore it or start a new run with another --output") from None
-    ckpt = latest_checkpoint(_storage(saved or cfg, output))
-    if ckpt is None and (output / "model" / METADATA).is_file():
-        raise CxrError(f"cannot --resume {output}: the run has finished (model/ is exported) and its checkpoints "
-                       f"are gone from {join(_storage(saved or cfg, output), RUN_NAME)}: there is nothing to "
-                       "continue, and starting over would replace the export; start a new run with another --output")
+    storage = _storage(saved or cfg, output)
+    ckpt = latest_checkpoint(storage)
     if ckpt is None:
+        if (output / "model" / METADATA).is_file():
+            raise CxrError(f"cannot --resume {output}: the run has finished (model/ is exported) and its checkpoints "
+                           f"are gone from {join(storage, RUN_NAME)}: there is nothing to continue, and starting "
+                           "over would replace the export; start a new run with another --output")
         if saved is None:
             return check_train_config(cfg), None
         print("cxr train: --resume: the run has no checkpoint yet: starting it over with its config.json and the "
